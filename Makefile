@@ -1,0 +1,64 @@
+# Every target creates and uses the project's own virtual environment (.venv) on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/llm-finetune
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/tiny-demo.yaml
+# CPU machines get the CPU build of torch; a GPU box (nvidia-smi present) keeps PyPI's CUDA build.
+CPU_TORCH ?= torch==2.13.0
+
+.PHONY: setup finetune-and-publish train merge verify publish test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA GPU found: torch comes from PyPI with the package"; \
+	else \
+		echo "no CUDA GPU: installing the CPU build $(CPU_TORCH)"; \
+		$(PY) -m pip install --quiet "$(CPU_TORCH)"; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(STAMP)
+
+## The main job: train -> adapter -> 16-bit merge -> verify -> publish (CONFIG=configs/<yours>.yaml)
+finetune-and-publish: $(STAMP)
+	$(CLI) run $(CONFIG) $(ARGS)
+
+train: $(STAMP)
+	$(CLI) train $(CONFIG) $(ARGS)
+
+## make merge BASE=<folder or hub id> ADAPTER=<folder> OUTPUT=<new folder> [DTYPE=bfloat16]
+merge: $(STAMP)
+	$(CLI) merge --base "$(BASE)" --adapter "$(ADAPTER)" --output "$(OUTPUT)" --dtype $(or $(DTYPE),bfloat16)
+
+verify: $(STAMP)
+	$(CLI) verify --base "$(BASE)" --adapter "$(ADAPTER)" --merged "$(MERGED)"
+
+## make publish FOLDER=<model folder> REPO_ID=<namespace/name>
+publish: $(STAMP)
+	$(CLI) publish --folder "$(FOLDER)" --repo-id "$(REPO_ID)" $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) bench/merge_bench.py $(ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,78 @@
+"""Backends: how the base model is loaded with LoRA, and how the trained model is saved merged.
+
+A backend is a module with two functions (see `Backend`): everything else (data, trl
+training, verification, publishing) is shared, so one config drives either backend.
+`choose_backend` imports nothing heavy except torch, to answer why it picked what it picked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llm_finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from llm_finetune.config import Config
+
+
+class Backend(Protocol):
+    name: str
+
+    def load_for_training(self, config: Config, base_path: str) -> tuple[Any, Any]:
+        """The base model with LoRA adapters attached (a peft model) and its tokenizer."""
+
+    def save_merged(
+        self,
+        model: Any,
+        tokenizer: Any,
+        base_path: str,
+        adapter_dir: Path,
+        output_dir: Path,
+        config: Config,
+    ) -> dict[str, Any]:
+        """Write the merged 16-bit model into `output_dir` (which must not exist yet).
+
+        Returns facts for the run summary (how and from which weights it merged).
+        """
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str
+    reason: str
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> BackendChoice:
+    """Resolve `backend: auto|hf|unsloth` to a backend that can run here, and say why."""
+    unsloth_installed = importlib.util.find_spec("unsloth") is not None
+    if requested == "hf":
+        return BackendChoice("hf", "backend: hf was requested")
+    if requested == "unsloth":
+        raise UserError(
+            "backend: unsloth is not available in this version of llm-finetune yet; "
+            "use backend: hf (or auto), which runs the same config with transformers + peft"
+        )
+    if not _cuda_available():
+        return BackendChoice("hf", "backend: auto picked hf: no CUDA GPU found")
+    if not unsloth_installed:
+        return BackendChoice("hf", "backend: auto picked hf: unsloth is not installed")
+    return BackendChoice(
+        "hf", "backend: auto picked hf: the unsloth backend is not available in this version"
+    )
+
+
+def get_backend(name: str) -> Backend:
+    if name == "hf":
+        from llm_finetune.backends import hf
+
+        return hf.HFBackend()
+    raise UserError(f"unknown backend {name!r}; use hf or auto")

@@ -1,0 +1,113 @@
+"""The `hf` backend: transformers + peft, on the CPU or any GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from llm_finetune.config import Config, ModelConfig
+
+
+def training_dtype(requested: str) -> Any:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(base_path: str, model_config: ModelConfig) -> Any:
+    """The base tokenizer, with a PAD token (EOS, as the handbook does) and right padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        base_path,
+        revision=model_config.revision,
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def lora_config(config: Config) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        use_rslora=config.lora.use_rslora,
+        bias=config.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+class HFBackend:
+    name = "hf"
+
+    def load_for_training(self, config: Config, base_path: str) -> tuple[Any, Any]:
+        import torch
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = load_tokenizer(base_path, config.model)
+        dtype = training_dtype(config.model.dtype)
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "revision": config.model.revision,
+            "trust_remote_code": config.model.trust_remote_code,
+        }
+        if config.model.attn_implementation:
+            kwargs["attn_implementation"] = config.model.attn_implementation
+        if config.model.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        if config.model.load_in_4bit:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.training.gradient_checkpointing
+            )
+        try:
+            model = get_peft_model(model, lora_config(config))
+        except ValueError as exc:  # e.g. target modules not found in the model
+            raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+        return model, tokenizer
+
+    def save_merged(
+        self,
+        model: Any,
+        tokenizer: Any,
+        base_path: str,
+        adapter_dir: Path,
+        output_dir: Path,
+        config: Config,
+    ) -> dict[str, Any]:
+        from llm_finetune.merge import merge
+
+        report = merge(
+            base_path,
+            adapter_dir,
+            output_dir,
+            dtype=config.merge.dtype,
+            overwrite=config.overwrite,
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        return report.as_dict()

@@ -1,0 +1,175 @@
+"""Datasets: load local files, Hub names or bundled data, and format them as the handbook does.
+
+SFT text is the handbook's Alpaca template plus the tokenizer's EOS token (without EOS the
+fine-tuned model never learns to stop); chat data goes through the tokenizer's chat
+template; DPO rows become prompt / chosen+EOS / rejected+EOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_finetune.config import DataConfig, DatasetSource
+from llm_finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+ALPACA_TEMPLATE = """Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+### Instruction:
+{}
+
+### Response:
+{}"""
+
+ALPACA_WITH_INPUT_TEMPLATE = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+### Instruction:
+{}
+
+### Input:
+{}
+
+### Response:
+{}"""
+
+REQUIRED_COLUMNS = {
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "dpo": ("prompt", "chosen", "rejected"),
+}
+OPTIONAL_COLUMNS = {"alpaca": ("input",), "chat": (), "dpo": ()}
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "demo"
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt with an empty response: what the model sees at inference time."""
+    if input_text:
+        return ALPACA_WITH_INPUT_TEMPLATE.format(instruction, input_text, "")
+    return ALPACA_TEMPLATE.format(instruction, "")
+
+
+def format_alpaca(example: dict[str, Any], eos_token: str) -> str:
+    return alpaca_prompt(example["instruction"], example.get("input") or "") + (
+        example["output"] + eos_token
+    )
+
+
+def format_chat(example: dict[str, Any], tokenizer: Any) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "data.format is 'chat' but the tokenizer has no chat template "
+            "(use data.format: alpaca, or a model whose tokenizer has one)"
+        )
+    text = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+
+
+def format_dpo(example: dict[str, Any], eos_token: str) -> dict[str, str]:
+    return {
+        "prompt": alpaca_prompt(example["prompt"]),
+        "chosen": example["chosen"] + eos_token,
+        "rejected": example["rejected"] + eos_token,
+    }
+
+
+def inference_prompt(data_format: str, prompt: str, tokenizer: Any) -> str:
+    """A verification/demo prompt formatted the way the model was trained to see it."""
+    if data_format == "chat":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return alpaca_prompt(prompt)
+
+
+def resolve_source(path: str) -> tuple[str, dict[str, Any]]:
+    """Map a dataset path to `load_dataset` arguments: bundled, local file, or Hub name."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        candidate = BUILTIN_DIR / f"{name.replace('-', '_')}.jsonl"
+        if not candidate.is_file():
+            known = sorted(p.stem.replace("_", "-") for p in BUILTIN_DIR.glob("*.jsonl"))
+            raise UserError(f"unknown bundled dataset {path!r}; bundled: {known}")
+        return "json", {"data_files": str(candidate)}
+    local = Path(path).expanduser()
+    if local.suffix.lower() in LOCAL_FORMATS:
+        if not local.is_file():
+            raise UserError(f"dataset file {path!r} not found")
+        return LOCAL_FORMATS[local.suffix.lower()], {"data_files": str(local)}
+    if local.is_dir():
+        return str(local), {}
+    return path, {}
+
+
+def load_source(source: DatasetSource, index: int, data_format: str) -> Dataset:
+    """Load one dataset and rename its columns to ours; refuse a missing column by name."""
+    from datasets import load_dataset
+
+    builder, kwargs = resolve_source(source.path)
+    where = f"data.datasets[{index}] ({source.path})"
+    try:
+        dataset = load_dataset(builder, source.name, split=source.split, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: could not load the dataset: {reason}") from None
+    renames = {theirs: ours for ours, theirs in source.columns.items() if theirs != ours}
+    missing_mapped = [theirs for theirs in renames if theirs not in dataset.column_names]
+    if missing_mapped:
+        raise UserError(
+            f"{where}: columns {missing_mapped} named in 'columns' are not in the dataset; "
+            f"it has {dataset.column_names}"
+        )
+    dataset = dataset.rename_columns(renames)
+    missing = [c for c in REQUIRED_COLUMNS[data_format] if c not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{where}: missing column {missing[0]!r} needed by data.format {data_format!r}; "
+            f"the dataset has {dataset.column_names}; map one with "
+            f"columns: {{{missing[0]}: <your column>}}"
+        )
+    keep = [c for c in REQUIRED_COLUMNS[data_format] + OPTIONAL_COLUMNS[data_format]]
+    dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])
+    if "input" in keep and "input" not in dataset.column_names:
+        dataset = dataset.add_column("input", [""] * len(dataset))
+    return dataset
+
+
+def load_raw(config: DataConfig) -> Dataset:
+    """All sources concatenated (before formatting): the pipeline's data preflight."""
+    from datasets import concatenate_datasets
+
+    parts = [load_source(s, i, config.format) for i, s in enumerate(config.datasets)]
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(dataset) == 0:
+        raise UserError("data.datasets: the datasets hold no rows")
+    if config.max_samples is not None and config.max_samples < len(dataset):
+        dataset = dataset.shuffle(seed=config.shuffle_seed).select(range(config.max_samples))
+    return dataset
+
+
+def format_dataset(raw: Dataset, config: DataConfig, tokenizer: Any) -> DatasetDict:
+    """Format rows for trl (a `text` column, or prompt/chosen/rejected) and split off a test set."""
+    from datasets import DatasetDict
+
+    eos = tokenizer.eos_token
+    if not eos:
+        raise UserError("the tokenizer has no EOS token; set one in the base model's tokenizer")
+    if config.format == "alpaca":
+        formatted = raw.map(
+            lambda ex: {"text": format_alpaca(ex, eos)}, remove_columns=raw.column_names
+        )
+    elif config.format == "chat":
+        formatted = raw.map(
+            lambda ex: {"text": format_chat(ex, tokenizer)}, remove_columns=raw.column_names
+        )
+    else:
+        formatted = raw.map(lambda ex: format_dpo(ex, eos), remove_columns=raw.column_names)
+    if config.test_size > 0 and len(formatted) >= 2:
+        return formatted.train_test_split(test_size=config.test_size, seed=config.shuffle_seed)
+    return DatasetDict(train=formatted)

@@ -1,0 +1,124 @@
+"""The embedded demo: a tiny Llama and its tokenizer, built locally (no download) and cached.
+
+`builtin:tiny-llama` in a config resolves here. The tokenizer is a byte-level BPE trained on
+the bundled dataset (digits split one by one, so the number-to-words task is learnable by a
+tiny model), with BOS/EOS/PAD and a chat template; the model has random weights saved in
+bfloat16, the "16-bit base" that the demo merges into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from llm_finetune.data import ALPACA_TEMPLATE, BUILTIN_DIR
+
+TINY_LLAMA_VERSION = "tiny-llama-v1"
+BUILTIN_MODELS = ("tiny-llama",)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLM_FINETUNE_CACHE", Path.home() / ".cache" / "llm-finetune"))
+
+
+def resolve_builtin_model(name: str) -> Path:
+    """Path of a builtin model, building it on first use (atomically, so a crash leaves none)."""
+    short = name.removeprefix("builtin:")
+    if short not in BUILTIN_MODELS:
+        from llm_finetune.errors import UserError
+
+        raise UserError(f"unknown builtin model {name!r}; builtin: {list(BUILTIN_MODELS)}")
+    target = cache_root() / TINY_LLAMA_VERSION
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        build_tiny_llama(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process built it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _training_corpus() -> list[str]:
+    rows = [json.loads(line) for line in (BUILTIN_DIR / "number_words.jsonl").open()]
+    return [ALPACA_TEMPLATE.format(r["instruction"], r["output"]) for r in rows]
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on the bundled dataset, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    bos_id = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> None:
+    """Write a ~1M-parameter Llama (bf16 safetensors), its tokenizer and generation config."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,46 @@
+"""Folders that appear complete or not at all: a crash never leaves a half-written model."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from llm_finetune.errors import UserError
+
+
+def refuse_existing(path: Path, overwrite: bool, what: str) -> None:
+    """Fail early, before any work, when `path` exists and overwriting was not asked for."""
+    if path.exists() and not overwrite:
+        raise UserError(
+            f"{what} {str(path)!r} already exists; remove it, choose another path, "
+            "or allow replacing it (overwrite: true in the config, --overwrite on the command line)"
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    target: Path, overwrite: bool = False, what: str = "output folder"
+) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; rename it into place only on success.
+
+    On failure the staging folder is removed and an existing `target` is left untouched.
+    """
+    target = Path(target)
+    refuse_existing(target, overwrite, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / target.name)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""Download a published model by repo id and generate, as any user would: plain transformers.
+
+It runs in a child process with a fresh cache (`HF_HOME`), so what it proves is what the Hub
+serves, not what this process still holds in memory. No peft is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from llm_finetune.errors import UserError
+from llm_finetune.publish import is_loopback
+
+
+def generate_from_hub(
+    repo_id: str, revision: str, prompt: str, max_new_tokens: int
+) -> dict[str, Any]:
+    """In this process: from_pretrained(repo_id) and one greedy generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return {"repo_id": repo_id, "revision": revision, "dtype": str(model.dtype), "generation": text}
+
+
+def load_back(
+    repo_id: str,
+    revision: str,
+    endpoint: str,
+    prompt: str,
+    token: str | None = None,
+    max_new_tokens: int = 16,
+) -> dict[str, Any]:
+    """Run `generate_from_hub` in a child process against `endpoint`, with a fresh cache."""
+    with tempfile.TemporaryDirectory(prefix="llm-finetune-loadback-") as cache:
+        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": cache}
+        env.pop("HF_TOKEN", None)
+        if token:
+            env["HF_TOKEN"] = token  # the child's environment only; never printed
+        if is_loopback(endpoint):
+            env.update(HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
+        request = json.dumps([repo_id, revision, prompt, max_new_tokens])
+        child = subprocess.run(
+            [sys.executable, "-m", "llm_finetune.loadback", request],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"the published model did not load back from {endpoint}: {last}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    repo, rev, text, tokens = json.loads(sys.argv[1])
+    print(json.dumps(generate_from_hub(repo, rev, text, tokens)))

@@ -1,0 +1,389 @@
+"""The whole run, as the handbook's steps: preflight, model, data, train, merge, verify, publish.
+
+This module only wires the stages; each lives in its own module and runs alone from the CLI.
+Everything that can fail without a GPU (config, outputs, data columns, base model, token,
+namespace, disk) is checked in `preflight` before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_finetune.config import Config, config_to_dict
+from llm_finetune.errors import UserError
+
+SUMMARY_FILE = "run-summary.json"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+class StageClock:
+    """Prints one line per stage and records its wall time for the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current: str | None = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        self.current = name
+        log(f"==> [{name}] {what}")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.current = None
+        log(f"    [{name}] done in {self.seconds[name]:.1f}s")
+
+
+@dataclass
+class PublishTarget:
+    repo_id: str
+    endpoint: str
+    token: str | None
+    local_storage: Path | None = None
+    server: Any = None
+
+
+@dataclass
+class Preflight:
+    base: str
+    backend: str
+    backend_reason: str
+    raw_data: Any
+    publish: PublishTarget | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_base(config: Config) -> str:
+    """A local folder, a builtin model (built on first use), or a Hub id whose config loads."""
+    name = config.model.name
+    if name.startswith("builtin:"):
+        from llm_finetune.demo import resolve_builtin_model
+
+        return str(resolve_builtin_model(name))
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.name {name!r} is a folder without config.json")
+        return str(local)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(
+            name, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+        )
+    except Exception as exc:  # gated, missing, offline: the user needs the reason in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.name {name!r}: cannot load its config: {reason}") from None
+    return name
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_disk(base: str, out: Path, merge_dtype: str) -> str:
+    """The merged model needs about the base's 16-bit size again; say so before training."""
+    base_path = Path(base)
+    if not base_path.is_dir():
+        return "disk: base is on the Hub; its size is checked by the merge"
+    needed = _folder_size(base_path) * (2 if merge_dtype == "float32" else 1)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < needed * 1.1:
+        raise UserError(
+            f"not enough disk for the merged model in {str(out)!r}: need about "
+            f"{needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free; free space or change output_dir"
+        )
+    return f"disk: {free / 1e9:.1f} GB free, merged model needs about {needed / 1e9:.2f} GB"
+
+
+def start_publish_target(config: Config, out: Path) -> PublishTarget:
+    from llm_finetune.publish import resolve_endpoint, resolve_token
+
+    publish = config.publish
+    assert publish.repo_id is not None  # validated by the config
+    if publish.endpoint != "local":
+        return PublishTarget(publish.repo_id, resolve_endpoint(publish.endpoint), resolve_token())
+    from llm_finetune.hub_server import HubServer, HubUser
+
+    token = "hf_local_" + secrets.token_urlsafe(24)  # lives in memory only
+    storage = out / "local-hub"
+    namespace = publish.repo_id.split("/", 1)[0]
+    server = HubServer(storage, users={token: HubUser(namespace)}).start()
+    return PublishTarget(publish.repo_id, server.url, token, storage, server)
+
+
+def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Preflight:
+    from llm_finetune.backends import choose_backend
+    from llm_finetune.data import load_raw
+    from llm_finetune.fsutil import refuse_existing
+
+    out = config.output_path
+    refuse_existing(out / "adapter", config.overwrite, "adapter folder")
+    if until == "publish":
+        refuse_existing(out / "merged", config.overwrite, "merged model folder")
+    choice = choose_backend(config.backend)
+    log(f"    {choice.reason}")
+    if config.model.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("model.load_in_4bit needs a CUDA GPU; set it to false on this machine")
+    raw = load_raw(config.data)
+    log(f"    data: {len(raw)} rows from {len(config.data.datasets)} source(s)")
+    base = resolve_base(config)
+    log(f"    base model: {base}")
+    report = Preflight(base, choice.name, choice.reason, raw)
+    if until == "publish":
+        report.notes.append(check_disk(base, out, config.merge.dtype))
+        log(f"    {report.notes[-1]}")
+    if until == "publish" and config.publish.enabled:
+        from llm_finetune.publish import preflight as publish_preflight
+
+        target = start_publish_target(config, out)
+        if target.server is not None:
+            stack.callback(target.server.stop)
+            log(
+                f"    local Hub-compatible server at {target.endpoint} (storage {target.local_storage})"
+            )
+        checked = publish_preflight(
+            target.repo_id, target.endpoint, target.token, config.publish.private
+        )
+        state = "exists" if checked.repo_existed else "created"
+        log(
+            f"    publish: {checked.user} can write {target.repo_id} on {target.endpoint} ({state})"
+        )
+        report.publish = target
+    return report
+
+
+def _card_rows(config: Config, base: str, backend: str, summary: dict[str, Any]):
+    t, lora = config.training, config.lora
+    training = [
+        ("base model", base if not base.startswith("/") else config.model.name),
+        ("method", config.method.upper()),
+        ("backend", backend),
+        ("datasets", ", ".join(d.path for d in config.data.datasets)),
+        ("data format", config.data.format),
+        ("LoRA r / alpha / dropout", f"{lora.r} / {lora.alpha} / {lora.dropout}"),
+        ("LoRA target modules", lora.target_modules),
+        ("rsLoRA", lora.use_rslora),
+        ("max_seq_length", config.model.max_seq_length),
+        ("learning rate", t.learning_rate),
+        ("epochs / max steps", f"{t.num_train_epochs} / {t.max_steps}"),
+        (
+            "batch size x grad accum",
+            f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
+        ),
+        ("optimizer / scheduler", f"{t.optim} / {t.lr_scheduler_type}"),
+        ("warmup steps / weight decay", f"{t.warmup_steps} / {t.weight_decay}"),
+        ("packing", t.packing),
+        ("seed", t.seed),
+        ("merged dtype", config.merge.dtype),
+    ]
+    if config.method == "dpo":
+        training.append(("DPO beta", t.beta))
+    train, verify = summary.get("train", {}), summary.get("verify", {})
+    metrics = [
+        ("train steps", train.get("steps")),
+        ("train loss (first logged)", train.get("train_loss_first")),
+        ("train loss (last logged)", train.get("train_loss_last")),
+        ("eval loss", train.get("eval_loss")),
+        ("merge check: max abs logit diff vs base+adapter", verify.get("max_abs_logit_diff")),
+        ("merge check: tolerance", verify.get("tolerance")),
+        ("merge check: greedy generations agreeing", verify.get("generations_agree")),
+    ]
+    return training, [(k, v) for k, v in metrics if v is not None]
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SUMMARY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    stages = summary["stages"]
+    width = max(len(s) for s in stages) if stages else 5
+    log("\n" + "stage".ljust(width) + "  seconds")
+    for name, seconds in stages.items():
+        log(f"{name.ljust(width)}  {seconds:8.1f}")
+    log(f"{'total'.ljust(width)}  {sum(stages.values()):8.1f}")
+    for key in ("train_loss_first", "train_loss_last", "verify_max_abs_logit_diff"):
+        if summary.get(key) is not None:
+            log(f"{key}: {summary[key]:.6g}")
+    if summary.get("published"):
+        p = summary["published"]
+        log(f"published: {p['repo_id']} at {p['endpoint']} (commit {p['commit'][:12]})")
+
+
+def run(config: Config, until: str = "publish") -> dict[str, Any]:
+    """Run the pipeline up to `until` ("train" or "publish"); return the run summary."""
+    from llm_finetune.data import format_dataset, inference_prompt
+
+    out = config.output_path
+    clock = StageClock()
+    summary: dict[str, Any] = {
+        "run_name": config.run_name,
+        "status": "running",
+        "output_dir": str(out),
+        "stages": clock.seconds,
+        "config": config_to_dict(config),
+    }
+    try:
+        with contextlib.ExitStack() as stack:
+            with clock.stage("preflight", "checking config, outputs, data, base model, Hub access"):
+                checks = preflight(config, until, stack)
+            summary["backend"] = {"name": checks.backend, "reason": checks.backend_reason}
+
+            from llm_finetune.backends import get_backend
+            from llm_finetune.train import train
+
+            backend = get_backend(checks.backend)
+            with clock.stage(
+                "load_model", f"loading {config.model.name} with LoRA ({backend.name})"
+            ):
+                model, tokenizer = backend.load_for_training(config, checks.base)
+            with clock.stage("data", f"formatting {config.data.format} data"):
+                splits = format_dataset(checks.raw_data, config.data, tokenizer)
+                sample = splits["train"][0]
+                log("    first example: " + json.dumps(sample)[:300])
+            with clock.stage("train", f"{config.method.upper()} with trl"):
+                result = train(
+                    config, model, tokenizer, splits, out / "adapter", out / "checkpoints"
+                )
+            summary["train"] = result.as_dict()
+            summary["train_loss_first"] = result.train_loss_first
+            summary["train_loss_last"] = result.train_loss_last
+            summary["adapter_dir"] = result.adapter_dir
+            log(
+                f"    adapter saved: {result.adapter_dir} (loss {result.train_loss_first} -> {result.train_loss_last})"
+            )
+            if until == "train":
+                summary["status"] = "trained"
+                return summary
+
+            with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
+                merged = backend.save_merged(
+                    model, tokenizer, checks.base, out / "adapter", out / "merged", config
+                )
+            del model
+            gc.collect()
+            summary["merge"] = merged
+            summary["merged_dir"] = str(out / "merged")
+            prompts = [
+                inference_prompt(config.data.format, p, tokenizer) for p in config.verify.prompts
+            ]
+            if config.verify.enabled:
+                from llm_finetune.verify import verify
+
+                with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
+                    report = verify(
+                        checks.base,
+                        out / "adapter",
+                        out / "merged",
+                        prompts,
+                        max_new_tokens=config.verify.max_new_tokens,
+                        revision=config.model.revision,
+                        trust_remote_code=config.model.trust_remote_code,
+                    )
+                summary["verify"] = report.as_dict()
+                summary["verify_max_abs_logit_diff"] = report.max_abs_logit_diff
+                log(
+                    f"    max |Δlogit| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+                    f"greedy generations agree {report.generations_agree}/{report.prompts}, "
+                    f"adapter effect {report.adapter_effect_max_abs_logit_diff:.3g}"
+                )
+                log(f"    sample: {config.verify.prompts[0]!r} -> {report.sample_generation!r}")
+                if report.generations_agree < report.prompts:
+                    log(
+                        "    warning: some greedy generations differ (near-tied logits after rounding)"
+                    )
+                if report.adapter_effect_max_abs_logit_diff <= report.tolerance:
+                    log(
+                        "    warning: the adapter barely changes the model; was training effective?"
+                    )
+
+            if checks.publish is not None:
+                _publish(config, checks, summary, clock, prompts[0] if prompts else "Hello")
+            summary["status"] = "succeeded"
+            return summary
+    except (UserError, KeyboardInterrupt) as exc:
+        summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        summary["failed_stage"] = clock.current
+        summary["error"] = str(exc)
+        if isinstance(exc, KeyboardInterrupt) and (out / "adapter").is_dir():
+            log(f"interrupted during {clock.current}; the adapter is kept in {out / 'adapter'}")
+        raise
+    finally:
+        if out.exists():
+            write_summary(out, summary)
+            if summary["status"] in ("succeeded", "trained"):
+                print_table(summary)
+                log(f"summary: {out / SUMMARY_FILE}")
+
+
+def _publish(
+    config: Config, checks: Preflight, summary: dict[str, Any], clock: StageClock, prompt: str
+) -> None:
+    from llm_finetune.loadback import load_back
+    from llm_finetune.publish import publish_folder, write_model_card
+
+    target = checks.publish
+    assert target is not None
+    merged_dir = config.output_path / "merged"
+    with clock.stage("model_card", "writing README.md"):
+        training_rows, metric_rows = _card_rows(config, checks.base, checks.backend, summary)
+        write_model_card(
+            merged_dir,
+            repo_id=target.repo_id,
+            base_model=config.model.name,
+            datasets=[d.path for d in config.data.datasets],
+            method=config.method,
+            dtype=config.merge.dtype,
+            license=config.publish.license,
+            tags=config.publish.tags,
+            training_rows=training_rows,
+            metric_rows=metric_rows,
+            usage_prompt=prompt,
+        )
+    with clock.stage("publish", f"uploading to {target.repo_id} on {target.endpoint}"):
+        published = publish_folder(
+            merged_dir,
+            target.repo_id,
+            target.endpoint,
+            target.token,
+            private=config.publish.private,
+            revision=config.publish.revision,
+            commit_message=config.publish.commit_message
+            or f"llm-finetune run {config.run_name}: merged_16bit ({config.merge.dtype})",
+        )
+    summary["published"] = published.as_dict()
+    log(f"    commit {published.commit} with {len(published.files)} files: {published.url}")
+    if config.publish.load_back:
+        with clock.stage("load_back", f"from_pretrained({target.repo_id!r}) in a fresh process"):
+            loaded = load_back(
+                target.repo_id,
+                config.publish.revision,
+                target.endpoint,
+                prompt,
+                token=target.token if config.publish.private else None,
+                max_new_tokens=config.verify.max_new_tokens,
+            )
+        summary["load_back"] = loaded
+        log(f"    {target.repo_id} answers: {loaded['generation']!r}")

@@ -1,0 +1,173 @@
+"""LoRA training with trl's SFTTrainer / DPOTrainer, then the adapter is saved, always.
+
+The adapter is written into its own folder (atomically) before anything is merged: merging
+is irreversible, and the adapter is the cheapest copy of what the GPU hours bought.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_finetune.fsutil import atomic_dir
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from llm_finetune.config import Config
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    steps: int
+    train_loss_first: float | None
+    train_loss_last: float | None
+    eval_loss: float | None
+    train_samples: int
+    train_tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def truncate_prompts(dataset: Dataset, tokenizer: Any, max_prompt_tokens: int) -> Dataset:
+    """Keep the last `max_prompt_tokens` tokens of each DPO prompt (the part next to the answer).
+
+    trl 1.x dropped DPOConfig.max_prompt_length; the handbook's key keeps its meaning here.
+    """
+
+    def cut(example: dict[str, str]) -> dict[str, str]:
+        encoded = tokenizer(
+            example["prompt"], add_special_tokens=False, return_offsets_mapping=True
+        )
+        offsets = encoded["offset_mapping"]
+        if len(offsets) <= max_prompt_tokens:
+            return example
+        start = offsets[-max_prompt_tokens][0]
+        return {**example, "prompt": example["prompt"][start:]}
+
+    return dataset.map(cut)
+
+
+def _precision_flags(model: Any) -> dict[str, bool]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"use_cpu": True, "bf16": False, "fp16": False}
+    dtype = next(p.dtype for p in model.parameters())
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def _common_args(config: Config, checkpoints: Path, model: Any, has_eval: bool) -> dict[str, Any]:
+    t = config.training
+    return {
+        "output_dir": str(checkpoints),
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "optim": t.optim,
+        "weight_decay": t.weight_decay,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_steps": t.warmup_steps,
+        "seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "logging_first_step": True,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "eval_strategy": "no",
+        "save_strategy": "steps",
+        "save_steps": 200,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "dataloader_pin_memory": False,
+        **_precision_flags(model),
+    }
+
+
+def build_trainer(
+    config: Config, model: Any, tokenizer: Any, splits: DatasetDict, checkpoints: Path
+) -> Any:
+    has_eval = "test" in splits
+    common = _common_args(config, checkpoints, model, has_eval)
+    if config.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        train_set = splits["train"]
+        if config.training.max_prompt_length:
+            train_set = truncate_prompts(train_set, tokenizer, config.training.max_prompt_length)
+        args = DPOConfig(
+            **common,
+            beta=config.training.beta,
+            max_length=config.training.max_length or config.model.max_seq_length,
+        )
+        return DPOTrainer(
+            model=model,
+            ref_model=None,  # with a peft model, the reference is the base with adapters off
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=splits.get("test"),
+            processing_class=tokenizer,
+        )
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **common,
+        max_length=config.model.max_seq_length,
+        packing=config.training.packing,
+        dataset_text_field="text",
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("test"),
+        processing_class=tokenizer,
+    )
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def train(
+    config: Config,
+    model: Any,
+    tokenizer: Any,
+    splits: DatasetDict,
+    adapter_dir: Path,
+    checkpoints: Path,
+) -> TrainResult:
+    """Train, save the adapter (+ tokenizer) atomically into `adapter_dir`, return the figures."""
+    start = time.perf_counter()
+    trainer = build_trainer(config, model, tokenizer, splits, checkpoints)
+    trainer.train()
+    eval_loss = None
+    if "test" in splits:
+        eval_loss = _finite(trainer.evaluate().get("eval_loss"))
+    with atomic_dir(adapter_dir, overwrite=config.overwrite, what="adapter folder") as staging:
+        trainer.model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    train_set = trainer.train_dataset
+    tokens = 0
+    if "input_ids" in train_set.column_names:
+        tokens = sum(len(ids) for ids in train_set["input_ids"])
+    return TrainResult(
+        adapter_dir=str(adapter_dir),
+        steps=trainer.state.global_step,
+        train_loss_first=_finite(losses[0]) if losses else None,
+        train_loss_last=_finite(losses[-1]) if losses else None,
+        eval_loss=eval_loss,
+        train_samples=len(train_set),
+        train_tokens=tokens,
+        seconds=round(time.perf_counter() - start, 3),
+        losses=[round(float(x), 5) for x in losses],
+    )

@@ -1,0 +1,165 @@
+"""Prove the merged model is what was trained: merged vs base+adapter (peft) on fixed prompts.
+
+Both sides run in float32 (the merged weights upcast exactly as stored), one model in memory
+at a time, so the difference measured is the merge and its final rounding, not bf16 compute
+noise. The tolerance scales with the stored dtype's precision and the logits' magnitude. It
+also measures base vs base+adapter, so an adapter that changes nothing (an untrained or
+wrongly loaded one) is reported instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_finetune.errors import UserError
+
+# Allowed max |Δlogit| per unit of logit scale, by the merged weights' dtype.
+RELATIVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}
+
+
+class VerificationFailed(UserError):
+    """The merged model does not reproduce base+adapter within tolerance."""
+
+
+@dataclass
+class VerifyReport:
+    dtype: str
+    prompts: int
+    max_abs_logit_diff: float
+    logit_scale: float
+    tolerance: float
+    passed: bool
+    generations_agree: int
+    adapter_effect_max_abs_logit_diff: float
+    eos_consistent: bool
+    sample_generation: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tolerance_for(dtype: str, logit_scale: float) -> float:
+    return RELATIVE_TOLERANCE[dtype] * max(1.0, logit_scale)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stored_dtype(merged: Path) -> str:
+    config = json.loads((Path(merged) / "config.json").read_text())
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return dtype if dtype in RELATIVE_TOLERANCE else "float32"
+
+
+def eos_consistent(merged: Path, tokenizer: Any) -> bool:
+    """The tokenizer's EOS must be one that generation stops on, or the model never stops."""
+    generation_file = Path(merged) / "generation_config.json"
+    if not generation_file.is_file() or tokenizer.eos_token_id is None:
+        return False
+    eos = json.loads(generation_file.read_text()).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return tokenizer.eos_token_id in ids
+
+
+def _run(model: Any, encoded: list[Any], max_new_tokens: int, pad_id: int | None):
+    """Logits on each prompt and the greedy continuation of each."""
+    import torch
+
+    logits, generations = [], []
+    with torch.inference_mode():
+        for ids in encoded:
+            ids = ids.to(model.device)
+            logits.append(model(input_ids=ids).logits[0].float().cpu())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            generations.append(out[0, ids.shape[1] :].cpu().tolist())
+    return logits, generations
+
+
+def _release(model: Any) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def verify(
+    base: str,
+    adapter: Path,
+    merged: Path,
+    prompts: list[str],
+    max_new_tokens: int = 16,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> VerifyReport:
+    """Compare the merged folder with base+adapter. Raises VerificationFailed beyond tolerance."""
+    if not prompts:
+        raise UserError("verify needs at least one prompt")
+    if not (Path(merged) / "config.json").is_file():
+        raise UserError(f"{str(merged)!r} is not a model folder (no config.json)")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = _device()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    encoded = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+
+    base_model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, revision=revision, trust_remote_code=trust_remote_code
+    ).to(device)
+    reference = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+    ref_logits, ref_generations = _run(reference, encoded, max_new_tokens, pad_id)
+    with reference.disable_adapter():
+        base_logits, _ = _run(reference, encoded, 1, pad_id)
+    _release(reference)
+
+    merged_model = AutoModelForCausalLM.from_pretrained(
+        merged, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).to(device)
+    merged_model.eval()
+    merged_logits, merged_generations = _run(merged_model, encoded, max_new_tokens, pad_id)
+    _release(merged_model)
+
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, merged_logits, strict=True))
+    effect = max(float((a - b).abs().max()) for a, b in zip(ref_logits, base_logits, strict=True))
+    scale = max(float(t.abs().max()) for t in ref_logits)
+    dtype = _stored_dtype(merged)
+    tolerance = tolerance_for(dtype, scale)
+    agree = sum(a == b for a, b in zip(ref_generations, merged_generations, strict=True))
+    report = VerifyReport(
+        dtype=dtype,
+        prompts=len(prompts),
+        max_abs_logit_diff=diff,
+        logit_scale=scale,
+        tolerance=tolerance,
+        passed=diff <= tolerance,
+        generations_agree=agree,
+        adapter_effect_max_abs_logit_diff=effect,
+        eos_consistent=eos_consistent(merged, tokenizer),
+        sample_generation=tokenizer.decode(merged_generations[0], skip_special_tokens=True),
+    )
+    if not report.passed:
+        raise VerificationFailed(
+            f"merged model differs from base+adapter: max |Δlogit| {diff:.3g} > tolerance "
+            f"{tolerance:.3g} for {dtype}; the adapter is kept, re-run the merge "
+            "(llm-finetune merge) from the original 16-bit base"
+        )
+    return report
