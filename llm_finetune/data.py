@@ -66,7 +66,9 @@ def format_chat(example: dict[str, Any], tokenizer: Any) -> str:
             "(use data.format: alpaca, or a model whose tokenizer has one)"
         )
     text = tokenizer.apply_chat_template(example["messages"], tokenize=False)
-    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+    # Templates that close each turn with EOS + "\n" already end in EOS: do not add a second.
+    stripped = text.rstrip()
+    return stripped if stripped.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
 
 
 def format_dpo(example: dict[str, Any], eos_token: str) -> dict[str, str]:
@@ -125,6 +127,9 @@ def load_source(source: DatasetSource, index: int, data_format: str) -> Dataset:
             f"{where}: columns {missing_mapped} named in 'columns' are not in the dataset; "
             f"it has {dataset.column_names}"
         )
+    # A mapped column replaces a same-named one the dataset already has.
+    replaced = [ours for ours in renames.values() if ours in dataset.column_names]
+    dataset = dataset.remove_columns([c for c in replaced if c not in renames])
     dataset = dataset.rename_columns(renames)
     missing = [c for c in REQUIRED_COLUMNS[data_format] if c not in dataset.column_names]
     if missing:
@@ -137,6 +142,14 @@ def load_source(source: DatasetSource, index: int, data_format: str) -> Dataset:
     dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])
     if "input" in keep and "input" not in dataset.column_names:
         dataset = dataset.add_column("input", [""] * len(dataset))
+    if data_format != "chat":
+        # One text type for every source (csv gives large_string, an empty csv column float64),
+        # so that sources of different file types can be concatenated.
+        from datasets import Features, Value
+
+        text_features = Features({c: Value("string") for c in dataset.column_names})
+        if dataset.features != text_features:
+            dataset = dataset.cast(text_features)
     return dataset
 
 

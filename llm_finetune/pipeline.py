@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import secrets
 import shutil
@@ -141,6 +142,11 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
 
         if not torch.cuda.is_available():
             raise UserError("model.load_in_4bit needs a CUDA GPU; set it to false on this machine")
+    if "8bit" in config.training.optim and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"training.optim {config.training.optim!r} needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes (GPU boxes: pip install -e '.[gpu]'), or use adamw_torch"
+        )
     raw = load_raw(config.data)
     log(f"    data: {len(raw)} rows from {len(config.data.datasets)} source(s)")
     base = resolve_base(config)

@@ -1,0 +1,163 @@
+"""The merge reproduces base+adapter, and verification catches a merge that does not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from llm_finetune.errors import UserError
+from llm_finetune.merge import merge
+from llm_finetune.verify import VerificationFailed, verify
+
+PROMPTS = ["Write the number 47 in words.", "Convert 21 to words."]
+
+
+def _reference_logits(base: str, adapter, input_ids):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.inference_mode():
+        return peft_model(input_ids=input_ids).logits
+
+
+def _merged_logits(folder, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.fixture(scope="module")
+def merged_bf16(trained_adapter, tmp_path_factory):
+    _, base, adapter, _ = trained_adapter
+    out = tmp_path_factory.mktemp("merged") / "bf16"
+    report = merge(base, adapter, out, dtype="bfloat16")
+    return base, adapter, out, report
+
+
+def test_float32_merge_matches_peft_within_1e_4(trained_adapter, tmp_path):
+    _, base, adapter, _ = trained_adapter
+    out = tmp_path / "fp32"
+    merge(base, adapter, out, dtype="float32")
+    input_ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    diff = (_reference_logits(base, adapter, input_ids) - _merged_logits(out, input_ids)).abs()
+    assert float(diff.max()) < 1e-4
+
+
+def test_bf16_merge_is_within_bf16_rounding(merged_bf16):
+    base, adapter, out, report = merged_bf16
+    assert report.lora_modules_merged == 4 * 7  # 4 layers x 7 target modules
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    input_ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+    reference = _reference_logits(base, adapter, input_ids)
+    diff = float((reference - _merged_logits(out, input_ids)).abs().max())
+    scale = float(reference.abs().max())
+    assert 0 < diff <= 2e-2 * scale  # rounding only: far below the logits' scale
+
+
+def test_merged_folder_is_complete_and_eos_agrees(merged_bf16):
+    _, _, out, _ = merged_bf16
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert "quantization_config" not in config
+    eos_ids = generation["eos_token_id"]
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    assert config["eos_token_id"] in eos_ids
+    assert tokenizer_config["eos_token"] == "</s>"
+    assert not any(n.startswith(".") for n in names)
+
+
+def test_verify_passes_and_measures_adapter_effect(merged_bf16):
+    base, adapter, out, _ = merged_bf16
+    report = verify(base, adapter, out, PROMPTS, max_new_tokens=4)
+    assert report.passed and report.dtype == "bfloat16"
+    assert 0 < report.max_abs_logit_diff <= report.tolerance
+    assert report.adapter_effect_max_abs_logit_diff > 10 * report.tolerance
+    assert report.generations_agree == len(PROMPTS)
+    assert report.eos_consistent
+
+
+def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path):
+    base, adapter, out, _ = merged_bf16
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = load_file(broken / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    weights[key] = (weights[key].float() + 0.5).to(torch.bfloat16)
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(VerificationFailed, match="differs from base\\+adapter"):
+        verify(base, adapter, broken, PROMPTS, max_new_tokens=2)
+
+
+def test_untrained_adapter_shows_no_effect(tiny_base, tmp_path):
+    """An adapter that changes nothing is measured as such, not silently passed off."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "zero"
+    )
+    merge(tiny_base, tmp_path / "zero", tmp_path / "merged", dtype="float32")
+    report = verify(tiny_base, tmp_path / "zero", tmp_path / "merged", PROMPTS, max_new_tokens=2)
+    assert report.adapter_effect_max_abs_logit_diff == 0.0
+
+
+def test_merge_refuses_existing_output_unless_overwrite(trained_adapter, tmp_path):
+    _, base, adapter, _ = trained_adapter
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
+        merge(base, adapter, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(base, adapter, out, overwrite=True)
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_merge_refuses_quantized_base_and_non_adapter(trained_adapter, tmp_path):
+    _, base, adapter, _ = trained_adapter
+    quantized = tmp_path / "quantized"
+    shutil.copytree(base, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="original 16-bit base"):
+        merge(str(quantized), adapter, tmp_path / "out")
+    with pytest.raises(UserError, match="not a LoRA adapter folder"):
+        merge(base, tmp_path, tmp_path / "out2")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_failed_merge_leaves_nothing_half_written(trained_adapter, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    _, base, adapter, _ = trained_adapter
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        merge(base, adapter, tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,136 @@
+"""The real CLI end to end: the embedded demo, and failures that must cost no training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GOOD_TOKEN, REPO_ROOT
+
+DEMO = REPO_ROOT / "configs" / "tiny-demo.yaml"
+
+
+def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_finetune.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_offline(tmp_path):
+    """The README's main command, on its default config, with HF_HUB_OFFLINE=1 set."""
+    out = tmp_path / "out"
+    done = cli("run", str(DEMO), f"output_dir={out}", cwd=tmp_path, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert list(summary["stages"]) == [
+        "preflight",
+        "load_model",
+        "data",
+        "train",
+        "merge",
+        "verify",
+        "model_card",
+        "publish",
+        "load_back",
+    ]
+    assert summary["train_loss_last"] < 0.2 * summary["train_loss_first"]
+    assert summary["verify_max_abs_logit_diff"] <= summary["verify"]["tolerance"]
+    published = summary["published"]
+    assert published["repo_id"] == "demo/tiny-llama-number-words"
+    assert published["endpoint"].startswith("http://127.0.0.1:")
+    assert len(published["commit"]) == 40
+    assert {"README.md", "config.json", "model.safetensors", "generation_config.json"} <= set(
+        published["files"]
+    )
+    assert summary["load_back"]["generation"].strip()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "stage" in done.stdout and "total" in done.stdout
+    # The generated in-memory token of the local server is written nowhere.
+    assert "hf_local_" not in done.stdout + done.stderr
+    for path in out.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert b"hf_local_" not in path.read_bytes(), path
+
+
+def test_bad_token_fails_in_preflight_before_training(hub, tmp_path):
+    out = tmp_path / "out"
+    done = cli(
+        "run",
+        str(DEMO),
+        f"output_dir={out}",
+        f"publish.endpoint={hub.url}",
+        "publish.repo_id=alice/demo",
+        cwd=tmp_path,
+        HF_TOKEN="hf_wrong_token_987654321",
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith("error: the Hub token was rejected")
+    assert "hf_wrong_token_987654321" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert (summary["status"], summary["failed_stage"]) == ("failed", "preflight")
+    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+
+
+def test_good_token_passes_preflight_against_a_remote_endpoint(hub, tmp_path):
+    """The same path with a valid token reaches training (cut short by max_steps)."""
+    out = tmp_path / "out"
+    done = cli(
+        "run",
+        str(DEMO),
+        f"output_dir={out}",
+        f"publish.endpoint={hub.url}",
+        "publish.repo_id=alice/demo",
+        "training.max_steps=5",
+        "publish.load_back=false",
+        cwd=tmp_path,
+        HF_TOKEN=GOOD_TOKEN,
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["published"]["repo_id"] == "alice/demo"
+    assert summary["published"]["endpoint"] == hub.url
+    assert GOOD_TOKEN not in done.stdout + done.stderr
+    assert GOOD_TOKEN not in (out / "run-summary.json").read_text()
+
+
+def test_existing_outputs_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    done = cli("run", str(DEMO), f"output_dir={out}", "overwrite=false", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "already exists" in done.stderr and "overwrite" in done.stderr
+    assert list((out / "adapter").iterdir()) == []
+
+
+def test_train_command_stops_after_the_adapter(tmp_path):
+    out = tmp_path / "out"
+    done = cli(
+        "train",
+        str(DEMO),
+        f"output_dir={out}",
+        "training.max_steps=5",
+        cwd=tmp_path,
+        HF_HUB_OFFLINE="1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert not (out / "merged").exists()
+    assert json.loads((out / "run-summary.json").read_text())["status"] == "trained"

@@ -1,0 +1,76 @@
+"""Training on the tiny model: the loss falls and the adapter is always saved."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import tiny_config
+
+
+def test_sft_reduces_loss_and_saves_adapter(trained_adapter):
+    _, _, adapter_dir, result = trained_adapter
+    assert result.steps == 40
+    assert result.train_loss_first is not None and result.train_loss_last is not None
+    assert result.train_loss_last < 0.5 * result.train_loss_first
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
+    assert set(adapter_config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert (adapter_dir / "tokenizer.json").is_file()
+    assert not list(adapter_dir.parent.glob(".adapter.partial-*"))
+
+
+def test_dpo_trains_and_saves_adapter(tiny_base, tmp_path):
+    from llm_finetune.backends.hf import HFBackend
+    from llm_finetune.data import format_dataset, load_raw
+    from llm_finetune.train import train
+
+    rows = [
+        {"prompt": f"Write the number {n} in words.", "chosen": w, "rejected": "no"}
+        for n, w in [(1, "one"), (2, "two"), (3, "three"), (4, "four")] * 4
+    ]
+    data_file = tmp_path / "pairs.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config(
+        tmp_path,
+        method="dpo",
+        data={"datasets": [{"path": str(data_file)}], "format": "dpo"},
+        training={
+            "learning_rate": 1e-3,
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "beta": 0.5,
+            "max_length": 96,
+            "max_prompt_length": 64,
+        },
+    )
+    model, tokenizer = HFBackend().load_for_training(config, tiny_base)
+    splits = format_dataset(load_raw(config.data), config.data, tokenizer)
+    result = train(config, model, tokenizer, splits, tmp_path / "adapter", tmp_path / "ckpt")
+    assert result.steps == 4
+    assert len(result.losses) == 4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_truncate_prompts_keeps_the_end(tiny_base):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from llm_finetune.train import truncate_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    long_prompt = "one two three " * 40 + "### Response:\n"
+    dataset = Dataset.from_list([{"prompt": long_prompt, "chosen": "a", "rejected": "b"}])
+    cut = truncate_prompts(dataset, tokenizer, 10)[0]["prompt"]
+    assert long_prompt.endswith(cut)
+    assert len(tokenizer(cut, add_special_tokens=False).input_ids) <= 10
+    assert cut.endswith("### Response:\n")
