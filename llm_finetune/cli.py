@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-finetune",
         description="LoRA fine-tuning from YAML, 16-bit merge, merge check, Hub publishing.",
-        epilog=__doc__.split("Examples:", 1)[1] and "See README.md for the config reference.",
+        epilog="examples:" + __doc__.split("Examples:", 1)[1] + "\nConfig reference: README.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

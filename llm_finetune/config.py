@@ -20,7 +20,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-demo.ya
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `model.revision=20240101` on the command line is a string.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -206,14 +207,22 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         raise UserError(f"override {override!r} must look like key.path=value")
     node = data
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
+        if node.get(key) is None:  # a section left empty in the YAML
+            node[key] = {}
+        child = node[key]
         if not isinstance(child, dict):
             raise UserError(f"override {override!r}: {key} is not a section")
         node = child
+    node[keys[-1]] = _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalars and [lists]; anything else (`fix: typo`, `{...`) stays the string typed."""
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        node[keys[-1]] = raw
+        return raw
+    return raw if isinstance(value, dict) and not raw.lstrip().startswith("{") else value
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -249,6 +258,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"config file {str(path)!r} is not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of keys at the top level")
+    # A section whose keys are all commented out reads as null: it means "all defaults".
+    data = {key: value for key, value in data.items() if value is not None}
     for override in overrides:
         _apply_override(data, override)
     data = _interpolate(data, "", data)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.config import Config, config_to_dict
+from llm_finetune.data import format_dataset, inference_prompt
 from llm_finetune.errors import UserError
 
 SUMMARY_FILE = "run-summary.json"
@@ -161,9 +162,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         target = start_publish_target(config, out)
         if target.server is not None:
             stack.callback(target.server.stop)
-            log(
-                f"    local Hub-compatible server at {target.endpoint} (storage {target.local_storage})"
-            )
+            log(f"    local Hub server at {target.endpoint} (storage {target.local_storage})")
         checked = publish_preflight(
             target.repo_id, target.endpoint, target.token, config.publish.private
         )
@@ -240,8 +239,6 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def run(config: Config, until: str = "publish") -> dict[str, Any]:
     """Run the pipeline up to `until` ("train" or "publish"); return the run summary."""
-    from llm_finetune.data import format_dataset, inference_prompt
-
     out = config.output_path
     clock = StageClock()
     summary: dict[str, Any] = {
@@ -256,77 +253,24 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             with clock.stage("preflight", "checking config, outputs, data, base model, Hub access"):
                 checks = preflight(config, until, stack)
             summary["backend"] = {"name": checks.backend, "reason": checks.backend_reason}
-
-            from llm_finetune.backends import get_backend
-            from llm_finetune.train import train
-
-            backend = get_backend(checks.backend)
-            with clock.stage(
-                "load_model", f"loading {config.model.name} with LoRA ({backend.name})"
-            ):
-                model, tokenizer = backend.load_for_training(config, checks.base)
-            with clock.stage("data", f"formatting {config.data.format} data"):
-                splits = format_dataset(checks.raw_data, config.data, tokenizer)
-                sample = splits["train"][0]
-                log("    first example: " + json.dumps(sample)[:300])
-            with clock.stage("train", f"{config.method.upper()} with trl"):
-                result = train(
-                    config, model, tokenizer, splits, out / "adapter", out / "checkpoints"
-                )
-            summary["train"] = result.as_dict()
-            summary["train_loss_first"] = result.train_loss_first
-            summary["train_loss_last"] = result.train_loss_last
-            summary["adapter_dir"] = result.adapter_dir
-            log(
-                f"    adapter saved: {result.adapter_dir} (loss {result.train_loss_first} -> {result.train_loss_last})"
-            )
+            backend, model, tokenizer = _train(config, checks, summary, clock)
             if until == "train":
                 summary["status"] = "trained"
                 return summary
-
             with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
-                merged = backend.save_merged(
+                summary["merge"] = backend.save_merged(
                     model, tokenizer, checks.base, out / "adapter", out / "merged", config
                 )
+            summary["merged_dir"] = str(out / "merged")
             del model
             gc.collect()
-            summary["merge"] = merged
-            summary["merged_dir"] = str(out / "merged")
             prompts = [
                 inference_prompt(config.data.format, p, tokenizer) for p in config.verify.prompts
             ]
             if config.verify.enabled:
-                from llm_finetune.verify import verify
-
-                with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
-                    report = verify(
-                        checks.base,
-                        out / "adapter",
-                        out / "merged",
-                        prompts,
-                        max_new_tokens=config.verify.max_new_tokens,
-                        revision=config.model.revision,
-                        trust_remote_code=config.model.trust_remote_code,
-                    )
-                summary["verify"] = report.as_dict()
-                summary["verify_max_abs_logit_diff"] = report.max_abs_logit_diff
-                log(
-                    f"    max |Δlogit| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
-                    f"greedy generations agree {report.generations_agree}/{report.prompts}, "
-                    f"adapter effect {report.adapter_effect_max_abs_logit_diff:.3g}"
-                )
-                log(f"    sample: {config.verify.prompts[0]!r} -> {report.sample_generation!r}")
-                if report.generations_agree < report.prompts:
-                    log(
-                        "    warning: some greedy generations differ (near-tied logits after rounding)"
-                    )
-                if report.adapter_effect_max_abs_logit_diff <= report.tolerance:
-                    log(
-                        "    warning: the adapter barely changes the model; was training effective?"
-                    )
-
+                _verify(config, checks, summary, clock, prompts)
             if checks.publish is not None:
-                _publish(config, checks, summary, clock, prompts[0] if prompts else "Hello")
+                _publish(config, checks, summary, clock, prompts[0])
             summary["status"] = "succeeded"
             return summary
     except (UserError, KeyboardInterrupt) as exc:
@@ -342,6 +286,67 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             if summary["status"] in ("succeeded", "trained"):
                 print_table(summary)
                 log(f"summary: {out / SUMMARY_FILE}")
+
+
+def _train(
+    config: Config, checks: Preflight, summary: dict[str, Any], clock: StageClock
+) -> tuple[Any, Any, Any]:
+    """Load the model with LoRA, format the data, train; the adapter is on disk afterwards."""
+    from llm_finetune.backends import get_backend
+    from llm_finetune.train import train
+
+    out = config.output_path
+    backend = get_backend(checks.backend)
+    with clock.stage("load_model", f"loading {config.model.name} with LoRA ({backend.name})"):
+        model, tokenizer = backend.load_for_training(config, checks.base)
+    with clock.stage("data", f"formatting {config.data.format} data"):
+        splits = format_dataset(checks.raw_data, config.data, tokenizer)
+        log("    first example: " + json.dumps(splits["train"][0])[:300])
+    with clock.stage("train", f"{config.method.upper()} with trl"):
+        result = train(config, model, tokenizer, splits, out / "adapter", out / "checkpoints")
+    summary["train"] = result.as_dict()
+    summary["train_loss_first"] = result.train_loss_first
+    summary["train_loss_last"] = result.train_loss_last
+    summary["adapter_dir"] = result.adapter_dir
+    log(
+        f"    adapter saved: {result.adapter_dir} "
+        f"(loss {result.train_loss_first:.4g} -> {result.train_loss_last:.4g})"
+    )
+    return backend, model, tokenizer
+
+
+def _verify(
+    config: Config,
+    checks: Preflight,
+    summary: dict[str, Any],
+    clock: StageClock,
+    prompts: list[str],
+) -> None:
+    from llm_finetune.verify import verify
+
+    out = config.output_path
+    with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
+        report = verify(
+            checks.base,
+            out / "adapter",
+            out / "merged",
+            prompts,
+            max_new_tokens=config.verify.max_new_tokens,
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    summary["verify"] = report.as_dict()
+    summary["verify_max_abs_logit_diff"] = report.max_abs_logit_diff
+    log(
+        f"    max |Δlogit| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+        f"greedy generations agree {report.generations_agree}/{report.prompts}, "
+        f"adapter effect {report.adapter_effect_max_abs_logit_diff:.3g}"
+    )
+    log(f"    sample: {config.verify.prompts[0]!r} -> {report.sample_generation!r}")
+    if report.generations_agree < report.prompts:
+        log("    warning: some greedy generations differ (near-tied logits after rounding)")
+    if report.adapter_effect_max_abs_logit_diff <= report.tolerance:
+        log("    warning: the adapter barely changes the model; was training effective?")
 
 
 def _publish(

@@ -479,3 +479,21 @@ def test_cli_validate_ok_writes_nothing(tmp_path: Path) -> None:
         "output_dir=outputs/tiny-demo)\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_override_values_that_are_not_yaml_stay_strings(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    config = load_config(
+        path,
+        ["publish.commit_message=fix: typo", "model.revision=20240101", "run_name=a1"],
+    )
+    assert config.publish.commit_message == "fix: typo"
+    assert config.model.revision == "20240101"
+
+
+def test_a_section_left_empty_means_defaults(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    text = path.read_text() + "\nlora:\n"
+    path.write_text(text)
+    config = load_config(path, ["lora.r=4"])
+    assert config.lora.r == 4 and config.lora.alpha == 32

@@ -56,7 +56,8 @@ def test_bf16_merge_is_within_bf16_rounding(merged_bf16):
     base, adapter, out, report = merged_bf16
     assert report.lora_modules_merged == 4 * 7  # 4 layers x 7 target modules
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        names = f.keys()
+        assert {f.get_slice(k).get_dtype() for k in names} == {"BF16"}
     input_ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
     reference = _reference_logits(base, adapter, input_ids)
     diff = float((reference - _merged_logits(out, input_ids)).abs().max())

@@ -8,6 +8,7 @@ bfloat16, the "16-bit base" that the demo merges into.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,10 +47,8 @@ def resolve_builtin_model(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
     try:
         build_tiny_llama(staging)
-        try:
+        with contextlib.suppress(OSError):  # another process built it first
             staging.rename(target)
-        except OSError:  # another process built it first
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
