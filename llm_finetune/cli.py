@@ -56,7 +56,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from llm_finetune.merge import merge
 
     report = merge(
-        args.base, Path(args.adapter), Path(args.output), dtype=args.dtype, overwrite=args.overwrite
+        args.base,
+        Path(args.adapter),
+        Path(args.output),
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        progress=print,
     )
     print(json.dumps(report.as_dict(), indent=2))
     return 0
@@ -134,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="folder written by peft save_pretrained")
     p.add_argument("--output", required=True, help="new folder for the merged model")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--revision", help="Hub revision of the base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)
 

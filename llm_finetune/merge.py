@@ -1,16 +1,23 @@
-"""Merge a LoRA adapter into the ORIGINAL 16-bit base weights and save a plain model folder.
+"""Streaming LoRA merge: shard by shard, tensor by tensor, into the ORIGINAL 16-bit base.
 
-The arithmetic runs in float32 (the base is loaded in float32 and peft folds
-W + scale·B@A there), and the result is cast once to the target dtype, so the merged model
-differs from base+adapter only by that final rounding. The folder is written beside the
-target and renamed into place when complete.
+W' = W + s·B@A with s = alpha/r (alpha/√r for rsLoRA), computed in float32 from the base's
+stored weights and cast once to the target dtype; peft's other layouts too: `fan_in_fan_out`
+(transposed), DoRA (rescaled by its magnitude vector), embedding LoRA ((B@A)ᵀ), `lora_bias`,
+`modules_to_save` (replacing the base tensor), `rank_pattern`/`alpha_pattern`, and tied
+embeddings. Peak memory is about the largest tensor plus the adapter, not the model:
+tensors without LoRA are copied as raw bytes. The output is written beside its final path
+and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,34 @@ from llm_finetune.errors import UserError
 from llm_finetune.fsutil import atomic_dir
 
 DTYPES = ("bfloat16", "float16", "float32")
+SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+PREFIX = "base_model.model."
+INDEX_FILE = "model.safetensors.index.json"
+HEAD = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+BASE_FILES = ["*.safetensors", "*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: what to add to (or scale) its base weight."""
+
+    module: str  # module path in the base model, e.g. model.layers.0.self_attn.q_proj
+    kind: str = "linear"  # "linear" or "embedding"
+    lora_a: Any = None
+    lora_b: Any = None
+    scale: float = 1.0
+    magnitude: Any = None  # DoRA
+    bias: Any = None  # lora_bias: added to the base bias, times scale
+    base_copy: Any = None  # peft's saved copy of an adapted embedding's base weight
+
+
+@dataclass
+class Adapter:
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]  # base weight key -> LoRA module
+    replacements: dict[str, Any]  # base tensor key -> full tensor (modules_to_save)
 
 
 @dataclass
@@ -26,13 +61,22 @@ class MergeReport:
     dtype: str
     base: str
     adapter: str
+    lora_modules_found: int
     lora_modules_merged: int
+    tensors_replaced: int
+    shards: int
+    bytes_written: int
     merged_from: str
-    eos_fixes: list[str]
-    seconds: float
+    untied_embeddings: bool
+    eos_fixes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the adapter
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -42,18 +86,368 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             f"{str(adapter_dir)!r} is not a LoRA adapter folder (no adapter_config.json); "
             "pass the folder that `save_pretrained` of a peft model wrote"
         )
-    return json.loads(config_file.read_text())
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"adapter type {config['peft_type']!r} is not LoRA; only LoRA merges")
+    for unsupported in ("target_parameters", "trainable_token_indices", "modules_to_tie"):
+        if config.get(unsupported):
+            raise UserError(
+                f"adapter_config.json sets {unsupported}, which this merge does not support"
+            )
+    return config
 
 
-def refuse_quantized_base(base_config: Any, base: str) -> None:
-    if getattr(base_config, "quantization_config", None):
+def _scale(config: dict[str, Any], module: str, rank: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(
+        get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8)
+    )
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(adapter_dir: Path) -> Adapter:
+    """Group the adapter's tensors by module, the way peft saved them."""
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(adapter_dir)
+    weights_file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise UserError(
+            f"{str(adapter_dir)!r} has no adapter_model.safetensors (weights must be safetensors; "
+            "re-save the adapter with save_pretrained(..., safe_serialization=True))"
+        )
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, Any] = {}
+    pattern = re.compile(
+        r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
+        r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|base_layer\.weight)$"
+    )
+    for key, tensor in load_file(weights_file).items():
+        name = key.removeprefix(PREFIX)
+        match = pattern.match(name)
+        if match is None:  # a full tensor of a module in modules_to_save
+            replacements[name] = tensor
+            continue
+        module = match["module"]
+        entry = modules.setdefault(module, LoraModule(module))
+        part = match["part"]
+        if part in ("lora_A.weight", "lora_embedding_A"):
+            entry.lora_a = tensor
+        elif part in ("lora_B.weight", "lora_embedding_B"):
+            entry.lora_b = tensor
+        elif part == "lora_B.bias":
+            entry.bias = tensor
+        elif part == "base_layer.weight":
+            entry.base_copy = tensor
+        else:
+            entry.magnitude = tensor
+        if part.startswith("lora_embedding"):
+            entry.kind = "embedding"
+    for entry in modules.values():
+        if entry.lora_a is None or entry.lora_b is None:
+            raise UserError(f"adapter module {entry.module} lacks lora_A or lora_B weights")
+        if entry.magnitude is not None and entry.kind == "embedding":
+            raise UserError(f"adapter module {entry.module}: DoRA on embeddings is not supported")
+        entry.scale = _scale(config, entry.module, entry.lora_a.shape[0])
+    return Adapter(config, {f"{m}.weight": e for m, e in modules.items()}, replacements)
+
+
+# ---------------------------------------------------------------------------------------
+# The arithmetic (float32)
+
+
+def merged_weight(weight: Any, lora: LoraModule, fan_in_fan_out: bool) -> Any:
+    """peft's merge of one module, in float32."""
+    import torch
+
+    a, b = lora.lora_a.float(), lora.lora_b.float()
+    if lora.kind == "embedding":
+        return weight + (b @ a).T * lora.scale
+    delta = (b @ a) * lora.scale  # (out, in)
+    oriented = weight.T if fan_in_fan_out else weight
+    if lora.magnitude is not None:  # DoRA: rescale each output row to the learned magnitude
+        norm = torch.linalg.norm(oriented + delta, dim=1)
+        oriented = (lora.magnitude.float() / norm).view(-1, 1) * (oriented + delta)
+    else:
+        oriented = oriented + delta
+    return oriented.T if fan_in_fan_out else oriented
+
+
+# ---------------------------------------------------------------------------------------
+# The base checkpoint
+
+
+def resolve_base_folder(base: str, revision: str | None) -> Path:
+    """A local folder as is; a Hub id downloaded once (weights, config, tokenizer)."""
+    local = Path(base).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, revision=revision, allow_patterns=BASE_FILES))
+    except Exception as exc:  # the user needs the reason, in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"base {base!r}: cannot download it: {reason}") from None
+
+
+def base_shards(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise UserError(
+            f"base {str(folder)!r} has only pickle (.bin) weights; convert it to safetensors "
+            "(load it and save_pretrained(..., safe_serialization=True)) and merge into that"
+        )
+    raise UserError(f"base {str(folder)!r} has no model.safetensors or {INDEX_FILE}")
+
+
+def refuse_quantized_base(config: dict[str, Any], base: str) -> None:
+    if config.get("quantization_config"):
         raise UserError(
             f"base {base!r} is a quantized checkpoint; merging into dequantized weights loses "
             "precision: pass the original 16-bit base model instead"
         )
 
 
-def align_eos(model: Any, tokenizer: Any) -> list[str]:
+def _tied(config: dict[str, Any]) -> bool:
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+# ---------------------------------------------------------------------------------------
+# Planning: which base tensor receives what, checked before a byte is written
+
+
+@dataclass
+class Plan:
+    headers: dict[str, Any]  # shard file name -> Header
+    where: dict[str, str]  # tensor name -> shard file name
+    changes: dict[str, list[LoraModule]]  # tensor -> LoRA modules applied to it
+    replacements: dict[str, Any]
+    bias_updates: dict[str, LoraModule]  # bias tensor -> module whose lora_B.bias adds to it
+    untie: bool
+    output_bytes: int
+
+
+def _embedding_key(names: set[str]) -> str | None:
+    for name in sorted(names):
+        if name.endswith(tuple(f"{s}.weight" for s in EMBEDDING_SUFFIXES)):
+            return name
+    return None
+
+
+def plan_merge(
+    adapter: Adapter,
+    shards: list[Path],
+    base_config: dict[str, Any],
+    dtype: str,
+    fan_in_fan_out: bool,
+) -> Plan:
+    from llm_finetune.safetensors_stream import element_size, read_header
+
+    headers = {p.name: read_header(p) for p in shards}
+    where = {n: shard for shard, h in headers.items() for n in h.tensors}
+    changes: dict[str, list[LoraModule]] = {}
+    for key, lora in adapter.modules.items():
+        if key in adapter.replacements:
+            raise UserError(f"{lora.module} is both LoRA-adapted and replaced; cannot merge")
+        changes.setdefault(key, []).append(lora)
+    replacements = dict(adapter.replacements)
+    embedding = _embedding_key(set(where))
+    tied = _tied(base_config) and embedding is not None
+    untie = False
+    if tied and {embedding, HEAD} & (set(changes) | set(replacements)):
+        untie = _resolve_tied(headers, where, embedding, changes, replacements, fan_in_fan_out)
+    unmatched = [
+        k for k in [*changes, *replacements] if k not in where and not (k == HEAD and untie)
+    ]
+    if unmatched:
+        raise UserError(
+            f"{len(unmatched)} adapter tensor(s) match no base tensor, e.g. {unmatched[:3]}: "
+            "the adapter was trained on a different base model; pass the base it was trained on"
+        )
+    bias_updates = {}
+    for target, loras in changes.items():
+        base_info = headers[where[target]].tensors[target]
+        for lora in loras:
+            _check_shape(lora, base_info, fan_in_fan_out)
+            if lora.bias is not None:
+                bias_key = target.removesuffix(".weight") + ".bias"
+                if bias_key not in where:
+                    raise UserError(f"{lora.module} has a LoRA bias but the base layer has no bias")
+                bias_updates[bias_key] = lora
+    for key, tensor in replacements.items():
+        if key in where and tuple(tensor.shape) != headers[where[key]].tensors[key].shape:
+            shape = headers[where[key]].tensors[key].shape
+            raise _vocabulary_error(key, tuple(tensor.shape), shape)
+    target_size = element_size(SAFETENSORS_DTYPE[dtype])
+    output_bytes = sum(
+        math.prod(i.shape) * target_size if i.dtype in FLOAT_DTYPES else i.nbytes
+        for h in headers.values()
+        for i in h.tensors.values()
+    )
+    if untie and HEAD not in where:
+        output_bytes += math.prod(replacements[HEAD].shape) * target_size
+    return Plan(headers, where, changes, replacements, bias_updates, untie, output_bytes)
+
+
+def _resolve_tied(
+    headers: dict[str, Any],
+    where: dict[str, str],
+    embedding: str,
+    changes: dict[str, list[LoraModule]],
+    replacements: dict[str, Any],
+    fan_in_fan_out: bool,
+) -> bool:
+    """Work out the embedding and the head of a tied model as peft's forward pass sees them.
+
+    peft adapts the input embedding and the output head separately (unless
+    `ensure_weight_tying` gave both the same adapter). When the two come out equal the model
+    stays tied; otherwise each gets its own weight and the config is untied. Returns whether
+    it untied.
+    """
+    from llm_finetune.safetensors_stream import read_tensor
+
+    header = headers[where[embedding]]
+    with open(header.path, "rb") as f:
+        shared = read_tensor(f, header.tensors[embedding]).float()
+
+    def effective(key: str) -> Any:
+        if key in replacements:
+            return replacements[key].float()
+        weight = shared
+        for lora in changes.pop(key, []):
+            _check_shape(lora, header.tensors[embedding], fan_in_fan_out)
+            if lora.base_copy is not None:
+                weight = lora.base_copy.float()
+            weight = merged_weight(weight, lora, fan_in_fan_out)
+        return weight
+
+    embedding_weight, head_weight = effective(embedding), effective(HEAD)
+    replacements[embedding] = embedding_weight
+    tied = torch_equal(embedding_weight, head_weight)
+    if not tied or HEAD in where:
+        replacements[HEAD] = head_weight
+    return not tied
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _vocabulary_error(key: str, adapter_shape: tuple, base_shape: tuple) -> UserError:
+    return UserError(
+        f"{key}: the adapter has shape {list(adapter_shape)} but the base has {list(base_shape)}: "
+        "the adapter was trained after resize_token_embeddings; resize the base the same way "
+        "(model.resize_token_embeddings(n); save_pretrained) and merge into that"
+    )
+
+
+def _check_shape(lora: LoraModule, base: Any, fan_in_fan_out: bool) -> None:
+    if lora.kind == "embedding":
+        shape = (lora.lora_a.shape[1], lora.lora_b.shape[0])
+    else:
+        shape = (lora.lora_b.shape[0], lora.lora_a.shape[1])
+        if fan_in_fan_out:
+            shape = shape[::-1]
+    if lora.base_copy is not None and tuple(lora.base_copy.shape) != base.shape:
+        raise _vocabulary_error(f"{lora.module}.weight", tuple(lora.base_copy.shape), base.shape)
+    if shape != base.shape:
+        raise UserError(
+            f"{lora.module}: LoRA shape {list(shape)} does not fit the base weight "
+            f"{list(base.shape)}; the adapter was trained on a different base model"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_shards(
+    plan: Plan, staging: Path, dtype: str, fan_in_fan_out: bool, progress: Callable[[str], None]
+) -> tuple[int, dict[str, str]]:
+    import torch
+
+    from llm_finetune.safetensors_stream import ShardWriter, read_tensor
+
+    target = getattr(torch, dtype)
+    target_name = SAFETENSORS_DTYPE[dtype]
+    weight_map: dict[str, str] = {}
+    written = 0
+    shard_names = list(plan.headers)
+    for number, shard in enumerate(shard_names, 1):
+        header = plan.headers[shard]
+        names = list(header.tensors)
+        if plan.untie and HEAD not in plan.where and number == len(shard_names):
+            names.append(HEAD)  # the untied head lands in the last shard
+        layout = []
+        for name in names:
+            info = header.tensors.get(name)
+            if info is None:
+                shape = tuple(plan.replacements[name].shape)
+                layout.append((name, target_name, shape))
+            else:
+                out = target_name if info.dtype in FLOAT_DTYPES else info.dtype
+                layout.append((name, out, info.shape))
+        writer = ShardWriter(staging / shard, layout, {"format": "pt"})
+        with open(header.path, "rb") as source:
+            for name in names:
+                info = header.tensors.get(name)
+                tensor = None
+                if name in plan.replacements:
+                    tensor = plan.replacements[name].float()
+                elif name in plan.changes or name in plan.bias_updates:
+                    tensor = _merged_tensor(plan, name, source, info, fan_in_fan_out)
+                if tensor is not None:
+                    writer.write(name, tensor.to(target))
+                elif info.dtype in FLOAT_DTYPES and info.dtype != target_name:
+                    writer.write(name, read_tensor(source, info).to(target))
+                else:
+                    writer.copy_raw(name, source, info)
+                weight_map[name] = shard
+        writer.close()
+        written += (staging / shard).stat().st_size
+        progress(f"    merged shard {number}/{len(shard_names)}: {shard}")
+    return written, weight_map
+
+
+def _merged_tensor(plan: Plan, name: str, source: Any, info: Any, fan_in_fan_out: bool) -> Any:
+    from llm_finetune.safetensors_stream import read_tensor
+
+    if name in plan.bias_updates:
+        lora = plan.bias_updates[name]
+        return read_tensor(source, info).float() + lora.bias.float() * lora.scale
+    loras = plan.changes[name]
+    base_copy = next((lora.base_copy for lora in loras if lora.base_copy is not None), None)
+    weight = base_copy.float() if base_copy is not None else read_tensor(source, info).float()
+    for lora in loras:
+        weight = merged_weight(weight, lora, fan_in_fan_out)
+    return weight
+
+
+def _write_config(base_folder: Path, staging: Path, dtype: str, untie: bool) -> dict[str, Any]:
+    config = json.loads((base_folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    if untie:
+        config["tie_word_embeddings"] = False
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def align_eos(config: dict[str, Any], generation: Any, tokenizer: Any) -> list[str]:
     """Make config, generation_config and tokenizer agree on EOS/PAD; return what changed.
 
     A model fine-tuned with `text + tokenizer.eos_token` stops only if generation stops on
@@ -63,20 +457,63 @@ def align_eos(model: Any, tokenizer: Any) -> list[str]:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         return fixes
-    generation = model.generation_config
     current = generation.eos_token_id
     ids = [] if current is None else ([current] if isinstance(current, int) else list(current))
     if eos_id not in ids:
         generation.eos_token_id = eos_id if not ids else [*ids, eos_id]
         fixes.append(f"generation_config.eos_token_id += {eos_id} (the tokenizer's EOS)")
-    if model.config.eos_token_id is None:
-        model.config.eos_token_id = eos_id
+    if config.get("eos_token_id") is None:
+        config["eos_token_id"] = eos_id
         fixes.append(f"config.eos_token_id = {eos_id}")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is not None and generation.pad_token_id is None:
-        generation.pad_token_id = pad_id
-        fixes.append(f"generation_config.pad_token_id = {pad_id}")
+    if tokenizer.pad_token_id is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+        fixes.append(f"generation_config.pad_token_id = {tokenizer.pad_token_id}")
     return fixes
+
+
+def _write_tokenizer_and_generation(
+    base_folder: Path, adapter: Path, staging: Path, config: dict[str, Any]
+) -> list[str]:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    if (base_folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(base_folder)
+    else:
+        generation = GenerationConfig.from_model_config(_Namespace(config))
+    source = next(
+        (f for f in (adapter, base_folder) if (f / "tokenizer_config.json").is_file()), None
+    )
+    if source is None:
+        fixes = ["no tokenizer in the adapter or the base: the merged folder has none"]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.save_pretrained(staging)
+        fixes = align_eos(config, generation, tokenizer)
+    generation.save_pretrained(staging)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return fixes
+
+
+class _Namespace:
+    """GenerationConfig.from_model_config wants attribute access to a config dict."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_free_disk(output: Path, needed: int) -> None:
+    parent = output.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.05:
+        raise UserError(
+            f"not enough disk for the merged model in {str(parent)!r}: it needs "
+            f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free space or choose --output"
+        )
 
 
 def merge(
@@ -86,47 +523,43 @@ def merge(
     dtype: str = "bfloat16",
     overwrite: bool = False,
     revision: str | None = None,
-    trust_remote_code: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> MergeReport:
-    """Merge `adapter` into `base` and write a standalone model into `output`."""
+    """Merge `adapter` into `base` (local folder or Hub id) and write a model into `output`."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    adapter = Path(adapter)
-    output = Path(output)
-    read_adapter_config(adapter)
     start = time.perf_counter()
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    base_config = AutoConfig.from_pretrained(
-        base, revision=revision, trust_remote_code=trust_remote_code
-    )
+    adapter, output = Path(adapter), Path(output)
+    lora = read_adapter(adapter)
+    base_folder = resolve_base_folder(base, revision)
+    if not (base_folder / "config.json").is_file():
+        raise UserError(f"base {base!r} has no config.json")
+    base_config = json.loads((base_folder / "config.json").read_text())
     refuse_quantized_base(base_config, base)
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
+    plan = plan_merge(lora, base_shards(base_folder), base_config, dtype, fan_in_fan_out)
+    check_free_disk(output, plan.output_bytes)
     with atomic_dir(output, overwrite=overwrite, what="merged model folder") as staging:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_source, revision=None if tokenizer_source == adapter else revision
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch.float32, revision=revision, trust_remote_code=trust_remote_code
-        )
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-        lora_modules = sum(1 for name, _ in peft_model.named_modules() if name.endswith("lora_A"))
-        merged = peft_model.merge_and_unload()
-        merged = merged.to(getattr(torch, dtype))
-        merged.config.dtype = dtype
-        fixes = align_eos(merged, tokenizer)
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        written, weight_map = _write_shards(plan, staging, dtype, fan_in_fan_out, progress)
+        if len(plan.headers) > 1:
+            index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = _write_config(base_folder, staging, dtype, plan.untie)
+        fixes = _write_tokenizer_and_generation(base_folder, adapter, staging, config)
+    base_dtype = sorted({i.dtype for h in plan.headers.values() for i in h.tensors.values()})
+    merged = sum(len(v) for v in plan.changes.values())
     return MergeReport(
         output=str(output),
         dtype=dtype,
         base=str(base),
         adapter=str(adapter),
-        lora_modules_merged=lora_modules,
-        merged_from="original 16-bit base weights, upcast to float32 (peft merge_and_unload)",
+        lora_modules_found=len(lora.modules),
+        lora_modules_merged=merged,
+        tensors_replaced=len(plan.replacements),
+        shards=len(plan.headers),
+        bytes_written=written,
+        merged_from=f"original base weights ({'/'.join(base_dtype)}), in float32, cast to {dtype}",
+        untied_embeddings=plan.untie,
         eos_fixes=fixes,
         seconds=round(time.perf_counter() - start, 3),
     )

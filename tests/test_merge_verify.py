@@ -151,14 +151,15 @@ def test_merge_refuses_quantized_base_and_non_adapter(trained_adapter, tmp_path)
 
 
 def test_failed_merge_leaves_nothing_half_written(trained_adapter, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    """A crash after the shards are written (here: writing config.json) leaves no folder."""
+    import llm_finetune.merge as merge_module
 
     _, base, adapter, _ = trained_adapter
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    monkeypatch.setattr(merge_module, "_write_config", crash)
     with pytest.raises(OSError, match="disk full"):
         merge(base, adapter, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []

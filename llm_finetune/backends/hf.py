@@ -108,6 +108,6 @@ class HFBackend:
             dtype=config.merge.dtype,
             overwrite=config.overwrite,
             revision=config.model.revision,
-            trust_remote_code=config.model.trust_remote_code,
+            progress=print,
         )
         return report.as_dict()
