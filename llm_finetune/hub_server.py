@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -1025,14 +1026,18 @@ class HubServer:
 
 
 def serve_forever(port: int, storage: Path, users: dict[str, HubUser] | None) -> None:
-    """Run the server in the foreground (the ``llm-finetune hub-server`` CLI); Ctrl-C stops it."""
-    hub = HubServer(storage, users, port=port)
-    httpd = hub._bind()
+    """Run the server until SIGINT/SIGTERM (the ``llm-finetune hub-server`` CLI).
+
+    The server runs in its thread; the main thread only waits for a signal, so a Ctrl-C never
+    lands in the middle of a request and shutdown is always clean.
+    """
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    hub = HubServer(storage, users, port=port).start()
     mode = "open dev server: any token is user 'demo'" if users is None else f"{len(users)} user(s)"
     print(f"Local Hub at {hub.url} (storage {hub.storage}, {mode}). Ctrl-C to stop.", flush=True)
-    try:
-        httpd.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        print("Stopping local Hub.", flush=True)
-    finally:
-        hub._close()
+    while not stop.wait(0.5):
+        pass
+    print("Stopping local Hub.", flush=True)
+    hub.stop()

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import struct
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,7 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -75,28 +78,66 @@ def read_header(path: Path) -> Header:
     return Header(Path(path), tensors, metadata)
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """One tensor, read with a plain file read into memory owned by the tensor (no mmap)."""
+def read_rows(f: BinaryIO, info: TensorInfo, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows `rows` (along dim 0) of a tensor, read with a plain file read into memory owned by
+    the returned tensor (no mmap, so nothing stays resident afterwards)."""
     if info.dtype not in DTYPES:
         raise ValueError(f"tensor {info.name} has dtype {info.dtype}, which cannot be merged")
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-    buffer = bytearray(info.nbytes)
-    f.seek(info.start)
-    f.readinto(buffer)
-    return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(info.shape)
+    total = info.shape[0] if info.shape else 1
+    start, stop, _ = rows.indices(total)
+    shape = (stop - start, *info.shape[1:]) if info.shape else ()
+    row_bytes = info.nbytes // total if total else 0
+    if row_bytes * (stop - start) == 0:
+        return torch.empty(shape, dtype=DTYPES[info.dtype])
+    buffer = torch.empty(row_bytes * (stop - start), dtype=torch.uint8)  # not zero-filled
+    f.seek(info.start + start * row_bytes)
+    if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
+        raise OSError(f"{f.name} ended early while reading {info.name}")
+    return buffer.view(DTYPES[info.dtype]).reshape(shape)
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (small) file, e.g. an adapter, without keeping a memory map."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        return {name: read_rows(f, info) for name, info in header.tensors.items()}
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Serve large allocations with mmap (glibc), so a freed block leaves the process at once.
+
+    glibc otherwise raises its mmap threshold after the first large free, and blocks of the
+    next sizes come from a heap that never shrinks: the peak grows with fragmentation.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, which also stops its growth
 
 
 class ShardWriter:
-    """Writes a safetensors file whose tensors (names, dtypes, shapes) are declared up front."""
+    """Writes a safetensors file whose tensors (names, dtypes, shapes) are declared up front.
+
+    Blocks are handed to a writer thread through a short queue, so computing the next block
+    overlaps writing the last one (file writes release the GIL); memory grows by at most
+    QUEUE_BLOCKS blocks.
+    """
+
+    QUEUE_BLOCKS = 2
 
     def __init__(
-        self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+        self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]
     ) -> None:
+        """`layout`: name -> (dtype, shape), in the order the tensors will be written."""
         header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         self._expected: list[tuple[str, int]] = []
-        for name, dtype, shape in layout:
+        for name, (dtype, shape) in layout.items():
             nbytes = math.prod(shape) * element_size(dtype)
             header[name] = {
                 "dtype": dtype,
@@ -107,10 +148,27 @@ class ShardWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self.data_bytes = offset
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by the writer thread
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.QUEUE_BLOCKS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        with self._file:
+            while (block := self._queue.get()) is not None:
+                if self._error is None:
+                    try:
+                        self._file.write(block)
+                    except BaseException as exc:  # reported by the next put or by close()
+                        self._error = exc
+
+    def _put(self, block: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(block)
 
     def _check(self, name: str, nbytes: int) -> None:
         expected_name, expected_bytes = self._expected[self._next]
@@ -118,10 +176,14 @@ class ShardWriter:
             raise ValueError(f"shard layout mismatch at {name} (expected {expected_name})")
         self._next += 1
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.contiguous().reshape(-1).view(torch.uint8)
-        self._check(name, data.numel())
-        self._file.write(memoryview(data.numpy()))
+    def write(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write one tensor given as consecutive blocks of rows (or one block)."""
+        nbytes = 0
+        for part in parts:
+            data = part.contiguous().reshape(-1).view(torch.uint8)
+            self._put(memoryview(data.numpy()))  # the view keeps the block alive until written
+            nbytes += data.numel()
+        self._check(name, nbytes)
 
     def copy_raw(self, name: str, source: BinaryIO, info: TensorInfo) -> None:
         """Copy an unchanged tensor's bytes in bounded chunks."""
@@ -132,13 +194,23 @@ class ShardWriter:
             chunk = source.read(min(COPY_CHUNK, left))
             if not chunk:
                 raise OSError(f"{source.name} ended early while copying {name}")
-            self._file.write(chunk)
+            self._put(chunk)
             left -= len(chunk)
 
+    def abort(self) -> None:
+        """Stop the writer thread after a failure elsewhere; the partial file is the caller's."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
+
     def close(self) -> None:
+        """Wait for the writes; raise if any failed or if a declared tensor is missing."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
         if self._next != len(self._expected):
-            self._file.close()
             raise ValueError(
                 f"shard incomplete: {self._next}/{len(self._expected)} tensors written"
             )
-        self._file.close()

@@ -283,7 +283,7 @@ def test_serve_forever_open_dev_mode(tmp_path: Path) -> None:
         assert httpx.post(f"{url}/api/repos/create", json={"name": "y"}).status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Stopping" in out
 
 

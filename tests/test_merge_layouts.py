@@ -257,31 +257,34 @@ def test_refuses_an_adapter_without_safetensors(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Memory: about one tensor, not the model.
 
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of a large pytest process would
+# report the parent's size and the assertion could never fail.
 PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
-import torch, peft, transformers  # imported before the baseline is taken
+import torch, tokenizers  # imported before the baseline is taken
 from llm_finetune.merge import merge
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+baseline = hwm()
 report = merge(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), dtype="bfloat16")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"baseline_kb": baseline, "peak_kb": peak, "shards": report.shards}))
+print(json.dumps({"baseline_kb": baseline, "peak_kb": hwm(), "shards": report.shards}))
 """
 
 
-def test_peak_memory_is_about_one_tensor_not_the_model(tmp_path):
+def test_peak_memory_is_about_one_block_not_the_model(tmp_path):
     config = llama(
-        vocab_size=4096,
-        hidden_size=512,
-        intermediate_size=1536,
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
         num_hidden_layers=12,
         num_attention_heads=8,
         num_key_value_heads=8,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "base", max_shard_size="20MB")
-    lora = LoraConfig(r=16, target_modules=ALL_LINEAR)
+    model.save_pretrained(tmp_path / "base", max_shard_size="60MB")
+    lora = LoraConfig(r=8, target_modules=ALL_LINEAR)
     get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
     del model
     model_bytes = sum(p.stat().st_size for p in (tmp_path / "base").glob("*.safetensors"))
@@ -300,6 +303,6 @@ def test_peak_memory_is_about_one_tensor_not_the_model(tmp_path):
     )
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     grown = (figures["peak_kb"] - figures["baseline_kb"]) * 1024
-    assert figures["shards"] >= 4
-    # The largest fp32 temporary is 4096 x 512 x 4 B = 8 MiB; the model is ~130 MB.
-    assert grown < 0.25 * model_bytes, (grown, model_bytes)
+    assert figures["shards"] >= 5
+    # ~340 MB of weights; the merge works on 16 MB float32 blocks plus the (small) adapter.
+    assert grown < 0.2 * model_bytes, (grown, model_bytes)
