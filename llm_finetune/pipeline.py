@@ -12,7 +12,6 @@ import gc
 import importlib.util
 import json
 import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,24 +90,30 @@ def resolve_base(config: Config) -> str:
     return name
 
 
-def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def weights_size(base: str, revision: str | None) -> int | None:
+    """Bytes of the base's safetensors weights: on disk, or as the Hub lists them."""
+    local = Path(base)
+    if local.is_dir():
+        return sum(p.stat().st_size for p in local.glob("*.safetensors"))
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(base, revision=revision, files_metadata=True)
+    except Exception:  # offline or no access: the merge checks again before writing
+        return None
+    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
 
 
-def check_disk(base: str, out: Path, merge_dtype: str) -> str:
-    """The merged model needs about the base's 16-bit size again; say so before training."""
-    base_path = Path(base)
-    if not base_path.is_dir():
-        return "disk: base is on the Hub; its size is checked by the merge"
-    needed = _folder_size(base_path) * (2 if merge_dtype == "float32" else 1)
-    out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out).free
-    if free < needed * 1.1:
-        raise UserError(
-            f"not enough disk for the merged model in {str(out)!r}: need about "
-            f"{needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free; free space or change output_dir"
-        )
-    return f"disk: {free / 1e9:.1f} GB free, merged model needs about {needed / 1e9:.2f} GB"
+def check_disk(base: str, revision: str | None, out: Path, merge_dtype: str) -> str:
+    """The merged model needs about the base's 16-bit size again: check before training."""
+    from llm_finetune.merge import check_free_disk
+
+    size = weights_size(base, revision)
+    if size is None:
+        return "disk: the base's size is unknown here; the merge checks again before writing"
+    needed = size * (2 if merge_dtype == "float32" else 1)
+    check_free_disk(out, needed)
+    return f"disk: the merged model needs about {needed / 1e9:.2f} GB; enough is free"
 
 
 def start_publish_target(config: Config, out: Path) -> PublishTarget:
@@ -154,7 +159,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     log(f"    base model: {base}")
     report = Preflight(base, choice.name, choice.reason, raw)
     if until == "publish":
-        report.notes.append(check_disk(base, out, config.merge.dtype))
+        report.notes.append(check_disk(base, config.model.revision, out, config.merge.dtype))
         log(f"    {report.notes[-1]}")
     if until == "publish" and config.publish.enabled:
         from llm_finetune.publish import preflight as publish_preflight
@@ -281,11 +286,10 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             log(f"interrupted during {clock.current}; the adapter is kept in {out / 'adapter'}")
         raise
     finally:
-        if out.exists():
-            write_summary(out, summary)
-            if summary["status"] in ("succeeded", "trained"):
-                print_table(summary)
-                log(f"summary: {out / SUMMARY_FILE}")
+        write_summary(out, summary)  # also for a failed run: it says where and why
+        if summary["status"] in ("succeeded", "trained"):
+            print_table(summary)
+            log(f"summary: {out / SUMMARY_FILE}")
 
 
 def _train(

@@ -78,8 +78,9 @@ def test_bad_token_fails_in_preflight_before_training(hub, tmp_path):
         HF_HUB_DISABLE_XET="1",
     )
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0, done.stderr
-    assert done.stderr.startswith("error: the Hub token was rejected")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr
+    assert errors[0].startswith("error: the Hub token was rejected")
     assert "hf_wrong_token_987654321" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     summary = json.loads((out / "run-summary.json").read_text())
@@ -134,3 +135,23 @@ def test_train_command_stops_after_the_adapter(tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert not (out / "merged").exists()
     assert json.loads((out / "run-summary.json").read_text())["status"] == "trained"
+
+
+def test_too_little_disk_fails_in_preflight(tmp_path, monkeypatch):
+    """Checked before training: the numbers are in the message and nothing is trained."""
+    import shutil as shutil_module
+
+    from llm_finetune.config import load_config
+    from llm_finetune.errors import UserError
+    from llm_finetune.pipeline import run
+
+    monkeypatch.setattr(
+        shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10, 10, 1000)
+    )
+    out = tmp_path / "out"
+    config = load_config(DEMO, [f"output_dir={out}", "publish.enabled=false"])
+    with pytest.raises(UserError, match=r"not enough disk .* it needs 0\.00 GB, 0\.00 GB are free"):
+        run(config)
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert (summary["status"], summary["failed_stage"]) == ("failed", "preflight")
+    assert not (out / "adapter").exists()
