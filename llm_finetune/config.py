@@ -119,16 +119,17 @@ class PublishConfig(_Strict):
     license: str | None = None
     tags: list[str] = Field(default_factory=list)
     load_back: bool = True  # download the published model by repo id and generate from it
+    replace_readme: bool = False  # an existing repo's README.md is kept unless this is true
+    adapter_repo_id: str | None = None  # also publish the LoRA adapter itself, to this repo
 
     @model_validator(mode="after")
     def _repo_id_when_enabled(self) -> PublishConfig:
-        if self.enabled:
-            if not self.repo_id:
-                raise ValueError("publish.repo_id is required when publish.enabled is true")
-            if not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
-                raise ValueError(
-                    f"publish.repo_id must look like 'namespace/name', got {self.repo_id!r}"
-                )
+        if self.enabled and not self.repo_id:
+            raise ValueError("publish.repo_id is required when publish.enabled is true")
+        for key in ("repo_id", "adapter_repo_id"):
+            value = getattr(self, key)
+            if self.enabled and value and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+                raise ValueError(f"publish.{key} must look like 'namespace/name', got {value!r}")
         if self.endpoint not in (None, "local") and not re.match(r"https?://", self.endpoint):
             raise ValueError(
                 f"publish.endpoint must be 'local' or an http(s):// URL, got {self.endpoint!r}"

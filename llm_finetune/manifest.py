@@ -1,0 +1,105 @@
+"""A small JSON beside every artefact: what made it, and the hash and size of every file.
+
+A re-run reuses a finished adapter or merged model only when its manifest still matches the
+files on disk and the config that made it; publishing checks it before uploading, so what
+lands on the Hub is exactly what was verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from llm_finetune.errors import UserError
+
+MANIFEST = "llm-finetune-manifest.json"
+LIBRARIES = ("llm-finetune", "torch", "transformers", "peft", "trl", "datasets", "huggingface_hub")
+HASH_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(data: Any) -> str:
+    """A stable hash of JSON-able data (a config section), to tell configs apart."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.relative_to(folder).as_posix(): {
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+        }
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def write_manifest(folder: Path, stage: str, fingerprint_of_inputs: str, **facts: Any) -> dict:
+    """Describe `folder` (every file's sha256 and size) and what produced it."""
+    manifest = {
+        "stage": stage,
+        "inputs_fingerprint": fingerprint_of_inputs,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "files": file_table(folder),
+        **facts,
+    }
+    path = Path(folder) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_manifest(folder: Path, fingerprint_of_inputs: str | None = None) -> dict:
+    """The folder's files are exactly those its manifest lists (and, if given, from the same
+    inputs). Raises UserError naming what differs."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UserError(f"{str(folder)!r} has no {MANIFEST}: it was not finished by llm-finetune")
+    if (
+        fingerprint_of_inputs is not None
+        and manifest["inputs_fingerprint"] != fingerprint_of_inputs
+    ):
+        raise UserError(
+            f"{str(folder)!r} was made from a different config or input; "
+            "use a new output_dir, or overwrite: true to replace it"
+        )
+    actual = file_table(Path(folder))
+    expected = manifest["files"]
+    changed = sorted(
+        name for name in set(actual) | set(expected) if actual.get(name) != expected.get(name)
+    )
+    if changed:
+        raise UserError(
+            f"{str(folder)!r} changed since it was written ({', '.join(changed[:3])}"
+            f"{'...' if len(changed) > 3 else ''}); re-create it or restore the files"
+        )
+    return manifest
