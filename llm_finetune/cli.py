@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -174,17 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # Telemetry pings are not ours to send; users can still opt in explicitly.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a scheduler's stop: same as Ctrl-C
     try:
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted; finished stages and the adapter (if trained) are kept", file=sys.stderr)
+        print(
+            "interrupted: finished stages, the adapter (if trained) and trainer checkpoints are "
+            "kept; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

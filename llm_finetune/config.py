@@ -87,6 +87,7 @@ class TrainingConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 0
     logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(200, ge=1)  # trainer checkpoints: a re-run resumes from the last one
     packing: bool = False
     gradient_checkpointing: bool = False
     # DPO only

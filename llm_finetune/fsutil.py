@@ -31,6 +31,9 @@ def atomic_dir(
     target = Path(target)
     refuse_existing(target, overwrite, what)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.*-*"):  # from a killed earlier run
+        if leftover.name.startswith((f".{target.name}.partial-", f".{target.name}.old-")):
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging

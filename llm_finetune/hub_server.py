@@ -18,6 +18,11 @@ Each commit stores the full file table, so reading any revision is a single file
 updates happen under one lock, which keeps commits atomic within one server process (two
 server processes must not share a storage directory).
 
+Faults can be injected for tests (:meth:`HubServer.inject`): a status reply, a connection dropped
+after part of the request body, a stall before or after handling, or a reply that never comes
+(the request took effect but the client cannot know). ``stats`` counts requests, commits and body
+bytes, and ``path_bytes`` the body bytes read per URL path, so tests can count what was re-sent.
+
 Only stdlib is used so the server can run in any environment the project runs in.
 """
 
@@ -38,11 +43,11 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ _BRANCH_RE = re.compile(r"^(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$"
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
+FaultAction = Literal["status", "drop", "stall", "stall_reply", "lose_reply"]
+FAULT_ACTIONS = ("status", "drop", "stall", "stall_reply", "lose_reply")
+
 
 @dataclass(frozen=True)
 class HubUser:
@@ -75,6 +83,42 @@ class HubUser:
 
 
 DEMO_USER = HubUser("demo")
+
+
+@dataclass(eq=False)
+class Fault:
+    """One injected failure: which requests it hits, what it does to them, and how often.
+
+    ``action``:
+      * ``"status"``: read the whole body, then answer ``status`` (nothing else happens);
+      * ``"drop"``: read ``after_bytes`` of the body (all of it if shorter), then hang up
+        without an answer and without handling the request;
+      * ``"stall"``: read ``after_bytes`` of the body, wait ``seconds``, then go on normally;
+      * ``"stall_reply"``: handle the request, then wait ``seconds`` before answering;
+      * ``"lose_reply"``: handle the request (a commit lands), then hang up instead of answering.
+
+    ``path`` is a regex searched in the URL path (no query string); ``method`` None means any.
+    ``times`` bounds how many requests the rule claims (None: every matching request).
+    """
+
+    action: FaultAction
+    method: str | None = None
+    path: str = ""
+    status: int = 503
+    after_bytes: int = 0
+    seconds: float = 0.0
+    times: int | None = 1
+    claimed: int = 0  # requests this rule was applied to
+    fired: threading.Event = field(default_factory=threading.Event)  # set when it first acted
+    released: threading.Event = field(default_factory=threading.Event)  # ends stalls early
+
+    def wait_fired(self, timeout: float) -> bool:
+        """Block until the fault has acted on a request (tests use it to time a kill)."""
+        return self.fired.wait(timeout)
+
+
+class _HangUp(Exception):
+    """Raised inside a handler to close the connection without any reply."""
 
 
 class HubError(Exception):
@@ -390,11 +434,18 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.url_path, self.query = url.path, parse_qs(url.query)
         self.body_pending, self.replied = True, False  # until proven otherwise
+        self.body_read, self.tripwire = 0, None
+        self.fault = self.hub._claim_fault(self.command, url.path)
         try:
             te = self.headers.get("Transfer-Encoding", "").lower()
             self.body_pending = "chunked" in te or int(self.headers.get("Content-Length") or 0) > 0
-            self.user = self._authenticate()
-            self._route([unquote(s) for s in url.path.split("/")[1:]])
+            if self.fault is not None:
+                self._apply_fault()
+            if not self.replied:
+                self.user = self._authenticate()
+                self._route([unquote(s) for s in url.path.split("/")[1:]])
+        except _HangUp:
+            self._hang_up()
         except HubError as e:
             self._reply_error(e)
         except (ValueError, TypeError, AttributeError):  # malformed numbers, JSON shapes, ...
@@ -407,6 +458,39 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("Error handling %s %s", self.command, url.path)
             self._reply_error(HubError(500, "Internal server error"))
 
+    # -- injected faults
+    def _apply_fault(self) -> None:
+        """Act on a claimed fault before routing; body-offset faults arm a tripwire instead."""
+        fault = self.fault
+        assert fault is not None
+        if fault.action == "status":
+            for _ in self._iter_body():  # drain, so the client reads our answer, not a reset
+                pass
+            fault.fired.set()
+            self.hub._count("faults_fired")
+            message = INVALID_CREDENTIALS if fault.status == 401 else "Injected fault"
+            raise HubError(fault.status, f"{message} ({fault.status})")
+        if fault.action in ("drop", "stall"):
+            if fault.after_bytes <= 0 or not self.body_pending:
+                self._trip()
+            else:
+                self.tripwire = fault.after_bytes  # fires in _read_exact / at the end of the body
+
+    def _trip(self) -> None:
+        """The body offset was reached: drop the connection, or stall and carry on."""
+        fault, self.tripwire = self.fault, None
+        assert fault is not None
+        fault.fired.set()
+        self.hub._count("faults_fired")
+        if fault.action == "drop":
+            raise _HangUp
+        fault.released.wait(fault.seconds)
+
+    def _hang_up(self) -> None:
+        self.replied, self.close_connection = True, True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def _reply_error(self, e: HubError) -> None:
         if self.replied:  # headers already out (e.g. mid-download): all we can do is hang up
             self.close_connection = True
@@ -414,7 +498,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": e.message.encode("ascii", "replace").decode(), **e.headers}
         if e.code:
             headers["X-Error-Code"] = e.code
-        self._send_json({"error": e.message, **e.extra}, e.status, headers)
+        try:
+            self._send_json({"error": e.message, **e.extra}, e.status, headers)
+        except _HangUp:  # an injected lost reply applies to error replies too
+            self._hang_up()
+        except ConnectionError:  # the client gave up (e.g. timed out) before our answer
+            self.close_connection = True
 
     def _send(
         self,
@@ -424,6 +513,13 @@ class _Handler(BaseHTTPRequestHandler):
         length: int | None = None,
         content_type: str = "application/json",
     ) -> None:
+        fault = self.fault
+        if fault is not None and fault.action in ("stall_reply", "lose_reply"):
+            fault.fired.set()
+            self.hub._count("faults_fired")
+            if fault.action == "lose_reply":
+                raise _HangUp
+            fault.released.wait(fault.seconds)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -452,14 +548,23 @@ class _Handler(BaseHTTPRequestHandler):
                 pass  # trailers
         else:
             yield from self._read_exact(int(self.headers.get("Content-Length") or 0))
+        if self.tripwire is not None:  # the body was shorter than after_bytes
+            self._trip()
         self.body_pending = False
 
     def _read_exact(self, n: int) -> Iterator[bytes]:
         while n > 0:
-            chunk = self.rfile.read(min(n, CHUNK))
+            step = min(n, CHUNK)
+            if self.tripwire is not None:
+                step = min(step, self.tripwire - self.body_read)
+            chunk = self.rfile.read(step)
             if not chunk:
                 raise ConnectionError("client closed the connection mid-body")
             n -= len(chunk)
+            self.body_read += len(chunk)
+            self.hub._count_body(f"{self.command} {self.url_path}", len(chunk))
+            if self.tripwire is not None and self.body_read >= self.tripwire:
+                self._trip()
             yield chunk
 
     def _body(self) -> bytes:
@@ -954,8 +1059,12 @@ class HubServer:
             "requests": 0,
             "commits": 0,
             "lfs_uploads": 0,
-            "lfs_bytes_received": 0,
+            "lfs_bytes_received": 0,  # bytes of LFS objects stored (complete uploads only)
+            "body_bytes": 0,  # request body bytes read, including cut-off uploads
+            "faults_fired": 0,
         }
+        self.path_bytes: dict[str, int] = {}  # "METHOD /url/path" -> request body bytes read
+        self.faults: list[Fault] = []
         self.unknown_routes: list[str] = []  # "METHOD /path" of requests we had no route for
         self._store = _Store(self.storage)
         self._secret = secrets.token_bytes(32)  # signs LFS upload hrefs
@@ -990,6 +1099,7 @@ class HubServer:
 
     def stop(self) -> None:
         """Stop serving and drop open keep-alive connections, so no request lands after this."""
+        self.clear_faults()
         if self._httpd is None:
             return
         if self._thread is not None:
@@ -1016,6 +1126,66 @@ class HubServer:
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.stats[key] = self.stats.get(key, 0) + n
+
+    def _count_body(self, route: str, n: int) -> None:
+        with self._lock:
+            self.stats["body_bytes"] = self.stats.get("body_bytes", 0) + n
+            self.path_bytes[route] = self.path_bytes.get(route, 0) + n
+
+    def bytes_received(self, path: str = "", method: str | None = None) -> int:
+        """Request body bytes read for URL paths matching the regex ``path`` (and ``method``)."""
+        pattern = re.compile(path)
+        with self._lock:
+            return sum(
+                n
+                for route, n in self.path_bytes.items()
+                if (method is None or route.split(" ", 1)[0] == method.upper())
+                and pattern.search(route.split(" ", 1)[1])
+            )
+
+    # -- fault injection
+    def inject(
+        self,
+        action: FaultAction,
+        *,
+        method: str | None = None,
+        path: str = "",
+        status: int = 503,
+        after_bytes: int = 0,
+        seconds: float = 0.0,
+        times: int | None = 1,
+    ) -> Fault:
+        """Make matching requests fail (see :class:`Fault`); rules are tried in order."""
+        if action not in FAULT_ACTIONS:
+            raise ValueError(f"unknown fault action {action!r}; use one of {FAULT_ACTIONS}")
+        if action == "status" and not 400 <= status <= 599:
+            raise ValueError(f"an injected status must be an error (4xx/5xx), not {status}")
+        if times is not None and times < 1:
+            raise ValueError("times must be >= 1 (or None for every matching request)")
+        re.compile(path)  # fail here, not in a handler thread
+        fault = Fault(action, method and method.upper(), path, status, after_bytes, seconds, times)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Remove every rule and end the stalls in progress."""
+        with self._lock:
+            faults, self.faults = self.faults, []
+        for fault in faults:
+            fault.released.set()
+
+    def _claim_fault(self, method: str, path: str) -> Fault | None:
+        """The first rule that matches this request and has uses left; the use is taken now."""
+        with self._lock:
+            for fault in self.faults:
+                if fault.times is not None and fault.claimed >= fault.times:
+                    continue
+                if fault.method not in (None, method) or not re.search(fault.path, path):
+                    continue
+                fault.claimed += 1
+                return fault
+        return None
 
     def _record_unknown(self, route: str) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ lands on the Hub is exactly what was verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -38,10 +39,8 @@ def fingerprint(data: Any) -> str:
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return found
 
 
@@ -83,7 +82,10 @@ def check_manifest(folder: Path, fingerprint_of_inputs: str | None = None) -> di
     inputs). Raises UserError naming what differs."""
     manifest = read_manifest(folder)
     if manifest is None:
-        raise UserError(f"{str(folder)!r} has no {MANIFEST}: it was not finished by llm-finetune")
+        raise UserError(
+            f"{str(folder)!r} already exists without a {MANIFEST} (unfinished, or not ours): "
+            "remove it, use a new output_dir, or overwrite: true to replace it"
+        )
     if (
         fingerprint_of_inputs is not None
         and manifest["inputs_fingerprint"] != fingerprint_of_inputs
@@ -100,6 +102,6 @@ def check_manifest(folder: Path, fingerprint_of_inputs: str | None = None) -> di
     if changed:
         raise UserError(
             f"{str(folder)!r} changed since it was written ({', '.join(changed[:3])}"
-            f"{'...' if len(changed) > 3 else ''}); re-create it or restore the files"
+            f"{'...' if len(changed) > 3 else ''}); restore the files or set overwrite: true"
         )
     return manifest

@@ -21,6 +21,8 @@ from typing import Any
 from llm_finetune.config import Config, config_to_dict
 from llm_finetune.data import format_dataset, inference_prompt
 from llm_finetune.errors import UserError
+from llm_finetune.manifest import write_manifest
+from llm_finetune.resume import Reuse, merge_fingerprint, train_fingerprint
 
 SUMMARY_FILE = "run-summary.json"
 
@@ -62,6 +64,7 @@ class Preflight:
     backend: str
     backend_reason: str
     raw_data: Any
+    reuse: Reuse
     publish: PublishTarget | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -135,12 +138,11 @@ def start_publish_target(config: Config, out: Path) -> PublishTarget:
 def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Preflight:
     from llm_finetune.backends import choose_backend
     from llm_finetune.data import load_raw
-    from llm_finetune.fsutil import refuse_existing
+    from llm_finetune.resume import inspect_outputs
 
     out = config.output_path
-    refuse_existing(out / "adapter", config.overwrite, "adapter folder")
-    if until == "publish":
-        refuse_existing(out / "merged", config.overwrite, "merged model folder")
+    reuse = inspect_outputs(config, until)
+    log(f"    outputs: {reuse.describe()} ({out})")
     choice = choose_backend(config.backend)
     log(f"    {choice.reason}")
     if config.model.load_in_4bit:
@@ -157,7 +159,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     log(f"    data: {len(raw)} rows from {len(config.data.datasets)} source(s)")
     base = resolve_base(config)
     log(f"    base model: {base}")
-    report = Preflight(base, choice.name, choice.reason, raw)
+    report = Preflight(base, choice.name, choice.reason, raw, reuse)
     if until == "publish":
         report.notes.append(check_disk(base, config.model.revision, out, config.merge.dtype))
         log(f"    {report.notes[-1]}")
@@ -258,24 +260,21 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             with clock.stage("preflight", "checking config, outputs, data, base model, Hub access"):
                 checks = preflight(config, until, stack)
             summary["backend"] = {"name": checks.backend, "reason": checks.backend_reason}
+            summary["reused"] = checks.reuse.describe()
             backend, model, tokenizer = _train(config, checks, summary, clock)
             if until == "train":
                 summary["status"] = "trained"
                 return summary
-            with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
-                summary["merge"] = backend.save_merged(
-                    model, tokenizer, checks.base, out / "adapter", out / "merged", config
-                )
-            summary["merged_dir"] = str(out / "merged")
+            facts = _merge(config, checks, summary, clock, backend, model, tokenizer)
             del model
             gc.collect()
             prompts = [
                 inference_prompt(config.data.format, p, tokenizer) for p in config.verify.prompts
             ]
             if config.verify.enabled:
-                _verify(config, checks, summary, clock, prompts)
+                _verify(config, checks, summary, clock, prompts, facts)
             if checks.publish is not None:
-                _publish(config, checks, summary, clock, prompts[0])
+                _publish(config, checks, summary, clock, prompts[0], facts)
             summary["status"] = "succeeded"
             return summary
     except (UserError, KeyboardInterrupt) as exc:
@@ -295,28 +294,77 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
 def _train(
     config: Config, checks: Preflight, summary: dict[str, Any], clock: StageClock
 ) -> tuple[Any, Any, Any]:
-    """Load the model with LoRA, format the data, train; the adapter is on disk afterwards."""
+    """Load the model with LoRA, format the data, train (or reuse a finished adapter of this
+    config); the adapter and its manifest are on disk afterwards."""
     from llm_finetune.backends import get_backend
+    from llm_finetune.backends.hf import load_tokenizer
+    from llm_finetune.resume import prepare_checkpoints
     from llm_finetune.train import train
 
     out = config.output_path
     backend = get_backend(checks.backend)
-    with clock.stage("load_model", f"loading {config.model.name} with LoRA ({backend.name})"):
-        model, tokenizer = backend.load_for_training(config, checks.base)
-    with clock.stage("data", f"formatting {config.data.format} data"):
-        splits = format_dataset(checks.raw_data, config.data, tokenizer)
-        log("    first example: " + json.dumps(splits["train"][0])[:300])
-    with clock.stage("train", f"{config.method.upper()} with trl"):
-        result = train(config, model, tokenizer, splits, out / "adapter", out / "checkpoints")
-    summary["train"] = result.as_dict()
-    summary["train_loss_first"] = result.train_loss_first
-    summary["train_loss_last"] = result.train_loss_last
-    summary["adapter_dir"] = result.adapter_dir
+    if checks.reuse.adapter is not None:
+        result = checks.reuse.adapter["train"]
+        model, tokenizer = None, load_tokenizer(str(out / "adapter"), config.model)
+    else:
+        with clock.stage("load_model", f"loading {config.model.name} with LoRA ({backend.name})"):
+            model, tokenizer = backend.load_for_training(config, checks.base)
+        with clock.stage("data", f"formatting {config.data.format} data"):
+            splits = format_dataset(checks.raw_data, config.data, tokenizer)
+            log("    first example: " + json.dumps(splits["train"][0])[:300])
+        with clock.stage("train", f"{config.method.upper()} with trl"):
+            prepare_checkpoints(out / "checkpoints", config)
+            trained = train(
+                config,
+                model,
+                tokenizer,
+                splits,
+                out / "adapter",
+                out / "checkpoints",
+                resume_from=checks.reuse.checkpoint,
+            )
+        result = trained.as_dict()
+        write_manifest(out / "adapter", "adapter", train_fingerprint(config), train=result)
+    summary["train"] = result
+    summary["train_loss_first"] = result["train_loss_first"]
+    summary["train_loss_last"] = result["train_loss_last"]
+    summary["adapter_dir"] = result["adapter_dir"]
     log(
-        f"    adapter saved: {result.adapter_dir} "
-        f"(loss {result.train_loss_first:.4g} -> {result.train_loss_last:.4g})"
+        f"    adapter: {result['adapter_dir']} "
+        f"(loss {result['train_loss_first']:.4g} -> {result['train_loss_last']:.4g})"
     )
     return backend, model, tokenizer
+
+
+def _merge(
+    config: Config,
+    checks: Preflight,
+    summary: dict[str, Any],
+    clock: StageClock,
+    backend: Any,
+    model: Any,
+    tokenizer: Any,
+) -> dict[str, Any]:
+    """Merge (or reuse a finished merge of this config); returns the merged folder's facts."""
+    out = config.output_path
+    if checks.reuse.merged is not None:
+        facts = {k: v for k, v in checks.reuse.merged.items() if k in ("merge", "verify")}
+    else:
+        with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
+            merged = backend.save_merged(
+                model, tokenizer, checks.base, out / "adapter", out / "merged", config
+            )
+        facts = {"merge": merged}
+        seal_merged(config, facts)
+    summary["merge"] = facts["merge"]
+    summary["merged_dir"] = str(out / "merged")
+    return facts
+
+
+def seal_merged(config: Config, facts: dict[str, Any]) -> None:
+    """(Re)write the merged folder's manifest after each change to it (merge, card)."""
+    folder = config.output_path / "merged"
+    write_manifest(folder, "merged", merge_fingerprint(config), **facts)
 
 
 def _verify(
@@ -325,36 +373,47 @@ def _verify(
     summary: dict[str, Any],
     clock: StageClock,
     prompts: list[str],
+    facts: dict[str, Any],
 ) -> None:
     from llm_finetune.verify import verify
 
     out = config.output_path
-    with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
-        report = verify(
-            checks.base,
-            out / "adapter",
-            out / "merged",
-            prompts,
-            max_new_tokens=config.verify.max_new_tokens,
-            revision=config.model.revision,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-    summary["verify"] = report.as_dict()
-    summary["verify_max_abs_logit_diff"] = report.max_abs_logit_diff
+    if "verify" not in facts:
+        with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
+            report = verify(
+                checks.base,
+                out / "adapter",
+                out / "merged",
+                prompts,
+                max_new_tokens=config.verify.max_new_tokens,
+                revision=config.model.revision,
+                trust_remote_code=config.model.trust_remote_code,
+            )
+        facts["verify"] = report.as_dict()
+        seal_merged(config, facts)
+    result = facts["verify"]
+    summary["verify"] = result
+    summary["verify_max_abs_logit_diff"] = result["max_abs_logit_diff"]
     log(
-        f"    max |Δlogit| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
-        f"greedy generations agree {report.generations_agree}/{report.prompts}, "
-        f"adapter effect {report.adapter_effect_max_abs_logit_diff:.3g}"
+        f"    max |Δlogit| {result['max_abs_logit_diff']:.3g} "
+        f"(tolerance {result['tolerance']:.3g}), greedy generations agree "
+        f"{result['generations_agree']}/{result['prompts']}, "
+        f"adapter effect {result['adapter_effect_max_abs_logit_diff']:.3g}"
     )
-    log(f"    sample: {config.verify.prompts[0]!r} -> {report.sample_generation!r}")
-    if report.generations_agree < report.prompts:
+    log(f"    sample: {config.verify.prompts[0]!r} -> {result['sample_generation']!r}")
+    if result["generations_agree"] < result["prompts"]:
         log("    warning: some greedy generations differ (near-tied logits after rounding)")
-    if report.adapter_effect_max_abs_logit_diff <= report.tolerance:
+    if result["adapter_effect_max_abs_logit_diff"] <= result["tolerance"]:
         log("    warning: the adapter barely changes the model; was training effective?")
 
 
 def _publish(
-    config: Config, checks: Preflight, summary: dict[str, Any], clock: StageClock, prompt: str
+    config: Config,
+    checks: Preflight,
+    summary: dict[str, Any],
+    clock: StageClock,
+    prompt: str,
+    facts: dict[str, Any],
 ) -> None:
     from llm_finetune.loadback import load_back
     from llm_finetune.publish import publish_folder, write_model_card
@@ -377,6 +436,7 @@ def _publish(
             metric_rows=metric_rows,
             usage_prompt=prompt,
         )
+        seal_merged(config, facts)
     with clock.stage("publish", f"uploading to {target.repo_id} on {target.endpoint}"):
         published = publish_folder(
             merged_dir,

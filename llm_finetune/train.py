@@ -64,7 +64,7 @@ def _precision_flags(model: Any) -> dict[str, bool]:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def _common_args(config: Config, checkpoints: Path, model: Any, has_eval: bool) -> dict[str, Any]:
+def _common_args(config: Config, checkpoints: Path, model: Any) -> dict[str, Any]:
     t = config.training
     return {
         "output_dir": str(checkpoints),
@@ -84,7 +84,7 @@ def _common_args(config: Config, checkpoints: Path, model: Any, has_eval: bool) 
         "gradient_checkpointing": t.gradient_checkpointing,
         "eval_strategy": "no",
         "save_strategy": "steps",
-        "save_steps": 200,
+        "save_steps": t.save_steps,
         "save_total_limit": 2,
         "report_to": "none",
         "dataloader_pin_memory": False,
@@ -95,8 +95,7 @@ def _common_args(config: Config, checkpoints: Path, model: Any, has_eval: bool) 
 def build_trainer(
     config: Config, model: Any, tokenizer: Any, splits: DatasetDict, checkpoints: Path
 ) -> Any:
-    has_eval = "test" in splits
-    common = _common_args(config, checkpoints, model, has_eval)
+    common = _common_args(config, checkpoints, model)
     if config.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -144,11 +143,13 @@ def train(
     splits: DatasetDict,
     adapter_dir: Path,
     checkpoints: Path,
+    resume_from: str | None = None,
 ) -> TrainResult:
-    """Train, save the adapter (+ tokenizer) atomically into `adapter_dir`, return the figures."""
+    """Train (from `resume_from`, a trainer checkpoint, if given), save the adapter (+ tokenizer)
+    atomically into `adapter_dir`, return the figures."""
     start = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, splits, checkpoints)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     eval_loss = None
     if "test" in splits:
         eval_loss = _finite(trainer.evaluate().get("eval_loss"))

@@ -117,7 +117,8 @@ def test_existing_outputs_are_refused_before_any_work(tmp_path):
     (out / "adapter").mkdir(parents=True)
     done = cli("run", str(DEMO), f"output_dir={out}", "overwrite=false", cwd=tmp_path)
     assert done.returncode == 2
-    assert "already exists" in done.stderr and "overwrite" in done.stderr
+    assert "already exists without a llm-finetune-manifest.json" in done.stderr
+    assert "overwrite: true" in done.stderr
     assert list((out / "adapter").iterdir()) == []
 
 

@@ -1,0 +1,97 @@
+"""What a re-run of the same config can reuse: a finished adapter, a finished merge, or the
+last trainer checkpoint; and a refusal when the outputs came from a different config.
+
+Each finished folder carries a manifest with the fingerprint of the config sections that
+made it, so a re-run never mixes two configs and never silently retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_finetune.config import Config, config_to_dict
+from llm_finetune.errors import UserError
+from llm_finetune.manifest import check_manifest, fingerprint
+
+TRAIN_SECTIONS = ("method", "backend", "model", "lora", "data", "training")
+CHECKPOINT_INPUTS = "llm-finetune-inputs.json"
+
+
+def train_fingerprint(config: Config) -> str:
+    data = config_to_dict(config)
+    return fingerprint({key: data[key] for key in TRAIN_SECTIONS})
+
+
+def merge_fingerprint(config: Config) -> str:
+    return fingerprint(
+        {"train": train_fingerprint(config), "merge": config_to_dict(config)["merge"]}
+    )
+
+
+@dataclass
+class Reuse:
+    adapter: dict[str, Any] | None = None  # manifest of a finished adapter of this config
+    merged: dict[str, Any] | None = None  # manifest of a finished merge of this config
+    checkpoint: str | None = None  # trainer checkpoint to resume training from
+
+    def describe(self) -> str:
+        if self.merged:
+            return "reusing the finished adapter and merged model of this config"
+        if self.adapter:
+            return "reusing the finished adapter of this config"
+        if self.checkpoint:
+            return f"resuming training from {Path(self.checkpoint).name}"
+        return "starting fresh"
+
+
+def latest_checkpoint(checkpoints: Path, train_fp: str) -> str | None:
+    """The newest `checkpoint-N` the trainer finished, if it was made by this config."""
+    steps = [
+        (int(m.group(1)), p)
+        for p in checkpoints.glob("checkpoint-*")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").is_file()
+    ]
+    if not steps:
+        return None
+    inputs = checkpoints / CHECKPOINT_INPUTS
+    made_by = json.loads(inputs.read_text()).get("fingerprint") if inputs.is_file() else None
+    if made_by != train_fp:
+        raise UserError(
+            f"{str(checkpoints)!r} holds checkpoints of a different config; "
+            "use a new output_dir, or overwrite: true to start over"
+        )
+    return str(max(steps)[1])
+
+
+def prepare_checkpoints(checkpoints: Path, config: Config) -> None:
+    """Mark the checkpoint folder with the config that fills it (a fresh run clears it first)."""
+    if config.overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    inputs = {"fingerprint": train_fingerprint(config), "run_name": config.run_name}
+    (checkpoints / CHECKPOINT_INPUTS).write_text(json.dumps(inputs) + "\n")
+
+
+def inspect_outputs(config: Config, until: str) -> Reuse:
+    """Decide what this run reuses; refuse outputs of another config or changed files."""
+    if config.overwrite:
+        return Reuse()
+    out = config.output_path
+    reuse = Reuse()
+    if (out / "adapter").exists():
+        reuse.adapter = check_manifest(out / "adapter", train_fingerprint(config))
+    if until == "publish" and (out / "merged").exists():
+        if reuse.adapter is None:
+            raise UserError(
+                f"{str(out / 'merged')!r} exists without its adapter; restore "
+                f"{str(out / 'adapter')!r}, or overwrite: true to start over"
+            )
+        reuse.merged = check_manifest(out / "merged", merge_fingerprint(config))
+    if reuse.adapter is None and (out / "checkpoints").is_dir():
+        reuse.checkpoint = latest_checkpoint(out / "checkpoints", train_fingerprint(config))
+    return reuse
