@@ -8,6 +8,19 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny-demo.yaml
 # CPU machines get the CPU build of torch; a GPU box (nvidia-smi present) keeps PyPI's CUDA build.
 CPU_TORCH ?= torch==2.13.0
+# Several GPUs / nodes: NPROC=<processes in all> [NNODES=2 NODE_RANK=0 MAIN_ADDR=... MAIN_PORT=29500]
+NPROC ?= 1
+NNODES ?= 1
+NODE_RANK ?= 0
+MAIN_PORT ?= 29500
+ACCELERATE_CONFIG ?= configs/accelerate/ddp.yaml
+ifeq ($(NPROC)$(NNODES),11)
+RUN := $(CLI)
+else
+RUN := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
+	--num_machines $(NNODES) --machine_rank $(NODE_RANK) --main_process_port $(MAIN_PORT) \
+	$(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) -m llm_finetune.cli
+endif
 
 .PHONY: setup finetune-and-publish train merge verify publish test test-fast lint format bench clean
 
@@ -27,10 +40,10 @@ setup: $(STAMP)
 
 ## The main job: train -> adapter -> 16-bit merge -> verify -> publish (CONFIG=configs/<yours>.yaml)
 finetune-and-publish: $(STAMP)
-	$(CLI) run $(CONFIG) $(ARGS)
+	$(RUN) run $(CONFIG) $(ARGS)
 
 train: $(STAMP)
-	$(CLI) train $(CONFIG) $(ARGS)
+	$(RUN) train $(CONFIG) $(ARGS)
 
 ## make merge BASE=<folder or hub id> ADAPTER=<folder> OUTPUT=<new folder> [DTYPE=bfloat16]
 merge: $(STAMP)

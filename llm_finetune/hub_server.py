@@ -111,6 +111,7 @@ class Fault:
     claimed: int = 0  # requests this rule was applied to
     fired: threading.Event = field(default_factory=threading.Event)  # set when it first acted
     released: threading.Event = field(default_factory=threading.Event)  # ends stalls early
+    hang_up: bool = False  # set with `released`: stalled requests end without an answer
 
     def wait_fired(self, timeout: float) -> bool:
         """Block until the fault has acted on a request (tests use it to time a kill)."""
@@ -484,7 +485,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub._count("faults_fired")
         if fault.action == "drop":
             raise _HangUp
+        self._stall(fault)
+
+    @staticmethod
+    def _stall(fault: Fault) -> None:
         fault.released.wait(fault.seconds)
+        if fault.hang_up:  # like a client killed mid-request: the rest never arrives
+            raise _HangUp
 
     def _hang_up(self) -> None:
         self.replied, self.close_connection = True, True
@@ -519,7 +526,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub._count("faults_fired")
             if fault.action == "lose_reply":
                 raise _HangUp
-            fault.released.wait(fault.seconds)
+            self._stall(fault)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -1099,7 +1106,7 @@ class HubServer:
 
     def stop(self) -> None:
         """Stop serving and drop open keep-alive connections, so no request lands after this."""
-        self.clear_faults()
+        self.clear_faults(hang_up=True)
         if self._httpd is None:
             return
         if self._thread is not None:
@@ -1168,11 +1175,14 @@ class HubServer:
             self.faults.append(fault)
         return fault
 
-    def clear_faults(self) -> None:
-        """Remove every rule and end the stalls in progress."""
+    def clear_faults(self, hang_up: bool = False) -> None:
+        """Remove every rule and end the stalls in progress: they go on as if the wait was over,
+        or with ``hang_up`` they end without an answer and without handling the request (what
+        a client killed mid-request leaves behind, made deterministic)."""
         with self._lock:
             faults, self.faults = self.faults, []
         for fault in faults:
+            fault.hang_up = fault.hang_up or hang_up
             fault.released.set()
 
     def _claim_fault(self, method: str, path: str) -> Fault | None:

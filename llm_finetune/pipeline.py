@@ -20,6 +20,7 @@ from typing import Any
 
 from llm_finetune.config import Config, config_to_dict
 from llm_finetune.data import format_dataset, inference_prompt
+from llm_finetune.distributed import is_main_process, world_size
 from llm_finetune.errors import UserError
 from llm_finetune.manifest import write_manifest
 from llm_finetune.resume import Reuse, merge_fingerprint, train_fingerprint
@@ -28,7 +29,8 @@ SUMMARY_FILE = "run-summary.json"
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    if is_main_process():  # one log for a multi-process run
+        print(message, flush=True)
 
 
 class StageClock:
@@ -160,6 +162,10 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     base = resolve_base(config)
     log(f"    base model: {base}")
     report = Preflight(base, choice.name, choice.reason, raw, reuse)
+    if world_size() > 1:
+        log(f"    {world_size()} processes: training in all, merge/verify/publish in the main one")
+    if not is_main_process():
+        return report
     if until == "publish":
         report.notes.append(check_disk(base, config.model.revision, out, config.merge.dtype))
         log(f"    {report.notes[-1]}")
@@ -262,6 +268,9 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             summary["backend"] = {"name": checks.backend, "reason": checks.backend_reason}
             summary["reused"] = checks.reuse.describe()
             backend, model, tokenizer = _train(config, checks, summary, clock)
+            if not is_main_process():  # its share of training is done; the main one goes on
+                summary["status"] = "trained"
+                return summary
             if until == "train":
                 summary["status"] = "trained"
                 return summary
@@ -285,7 +294,8 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             log(f"interrupted during {clock.current}; the adapter is kept in {out / 'adapter'}")
         raise
     finally:
-        write_summary(out, summary)  # also for a failed run: it says where and why
+        if is_main_process():
+            write_summary(out, summary)  # also for a failed run: it says where and why
         if summary["status"] in ("succeeded", "trained"):
             print_table(summary)
             log(f"summary: {out / SUMMARY_FILE}")
@@ -313,7 +323,8 @@ def _train(
             splits = format_dataset(checks.raw_data, config.data, tokenizer)
             log("    first example: " + json.dumps(splits["train"][0])[:300])
         with clock.stage("train", f"{config.method.upper()} with trl"):
-            prepare_checkpoints(out / "checkpoints", config)
+            if is_main_process():
+                prepare_checkpoints(out / "checkpoints", config)
             trained = train(
                 config,
                 model,
@@ -323,6 +334,8 @@ def _train(
                 out / "checkpoints",
                 resume_from=checks.reuse.checkpoint,
             )
+        if trained is None:  # not the main process
+            return backend, None, None
         result = trained.as_dict()
         write_manifest(out / "adapter", "adapter", train_fingerprint(config), train=result)
     summary["train"] = result

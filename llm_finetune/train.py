@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_finetune.distributed import is_main_process
 from llm_finetune.fsutil import atomic_dir
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def _common_args(config: Config, checkpoints: Path, model: Any) -> dict[str, Any
         "save_total_limit": 2,
         "report_to": "none",
         "dataloader_pin_memory": False,
+        "ddp_find_unused_parameters": False,  # LoRA: every adapter weight is used in forward
         **_precision_flags(model),
     }
 
@@ -132,6 +134,27 @@ def build_trainer(
     )
 
 
+def save_adapter(
+    trainer: Any, tokenizer: Any, adapter_dir: Path, checkpoints: Path, overwrite: bool
+) -> None:
+    """Every process calls this: the trainer gathers FSDP/ZeRO-3 shards of the adapter (a
+    known source of empty adapters when skipped) and only the main process writes; the
+    folder is then moved into place atomically."""
+    gathered = checkpoints / "final-adapter"  # the same path in every process
+    if trainer.is_fsdp_enabled:  # sharded checkpoints while training, the full adapter at the end
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(gathered))
+    trainer.accelerator.wait_for_everyone()
+    if not is_main_process():
+        return
+    (gathered / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest has it all
+    tokenizer.save_pretrained(gathered)
+    with atomic_dir(adapter_dir, overwrite=overwrite, what="adapter folder") as staging:
+        for path in gathered.iterdir():
+            path.rename(staging / path.name)
+    gathered.rmdir()
+
+
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
@@ -144,18 +167,18 @@ def train(
     adapter_dir: Path,
     checkpoints: Path,
     resume_from: str | None = None,
-) -> TrainResult:
+) -> TrainResult | None:
     """Train (from `resume_from`, a trainer checkpoint, if given), save the adapter (+ tokenizer)
-    atomically into `adapter_dir`, return the figures."""
+    atomically into `adapter_dir`, return the figures (None in processes other than the main)."""
     start = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, splits, checkpoints)
     trainer.train(resume_from_checkpoint=resume_from)
     eval_loss = None
     if "test" in splits:
         eval_loss = _finite(trainer.evaluate().get("eval_loss"))
-    with atomic_dir(adapter_dir, overwrite=config.overwrite, what="adapter folder") as staging:
-        trainer.model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+    save_adapter(trainer, tokenizer, adapter_dir, checkpoints, config.overwrite)
+    if not is_main_process():
+        return None
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     train_set = trainer.train_dataset
     tokens = 0

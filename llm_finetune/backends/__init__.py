@@ -54,8 +54,17 @@ def _cuda_available() -> bool:
 def choose_backend(requested: str) -> BackendChoice:
     """Resolve `backend: auto|hf|unsloth` to a backend that can run here, and say why."""
     unsloth_installed = importlib.util.find_spec("unsloth") is not None
+    from llm_finetune.distributed import world_size
+
     if requested == "hf":
         return BackendChoice("hf", "backend: hf was requested")
+    if world_size() > 1:
+        if requested == "unsloth":
+            raise UserError(
+                f"backend: unsloth trains on one GPU; this run has {world_size()} processes: "
+                "use backend: hf (or auto) for DDP, FSDP or DeepSpeed"
+            )
+        return BackendChoice("hf", f"backend: auto picked hf: {world_size()} processes")
     if requested == "unsloth":
         raise UserError(
             "backend: unsloth is not available in this version of llm-finetune yet; "

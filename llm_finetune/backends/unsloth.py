@@ -1,0 +1,351 @@
+"""The `unsloth` backend: Unsloth's FastLanguageModel loads the base with LoRA, and its
+`save_pretrained_merged(dir, tokenizer, save_method="merged_16bit")` writes the merged model,
+as the LLM Engineer's Handbook does. Training stays the shared trl code (`llm_finetune.train`).
+
+Import order: Unsloth must be imported before transformers, peft and trl in the process (it
+patches them when it is imported; imported later it warns "Unsloth should be imported before
+[trl, transformers, peft] ..." and a `from trl import SFTTrainer` bound earlier keeps the
+unpatched class). Nothing heavy is imported at module level here; `import_unsloth()` does the
+import and says when it came too late. The pipeline must call it before anything imports
+transformers (in practice: before `load_raw`, which imports datasets -> huggingface_hub).
+
+Two implementations hide behind the same two methods, chosen by Unsloth when it is imported:
+- no GPU (Unsloth >= 2026.5 falls back to the CPU): `unsloth_zoo/cpu/loader.py`, i.e. stock
+  transformers + peft; the merge deep-copies the in-memory PeftModel, runs peft's
+  `merge_and_unload` in the model's dtype and casts float32 to a 16-bit dtype, then a plain
+  `save_pretrained`; `push_to_hub_merged` is `model.push_to_hub` then `tokenizer.push_to_hub`
+  (two commits, with transformers' generic model card).
+- a GPU: `unsloth/save.py` (`unsloth_generic_save_pretrained_merged` ->
+  `unsloth_zoo.saving_utils.merge_and_overwrite_lora`), which re-reads the ORIGINAL 16-bit base
+  weights (downloading them when the base is a Hub id) and merges shard by shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from llm_finetune.config import Config
+
+CPU_SAVER_MODULE = "unsloth_zoo.cpu.loader"
+GPU_SAVER_MODULE = "unsloth.save"
+PATCHED_BY_UNSLOTH = ("trl", "transformers", "peft")
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def imported_too_early() -> list[str]:
+    """The libraries Unsloth patches that are already imported (empty once unsloth is in)."""
+    if "unsloth" in sys.modules:
+        return []
+    return [name for name in PATCHED_BY_UNSLOTH if name in sys.modules]
+
+
+def import_unsloth(strict: bool = False) -> Any:
+    """Import unsloth (first, ideally) and return the module.
+
+    With `strict`, refuse when transformers/peft/trl were imported before it: Unsloth then runs
+    partly unpatched. Without, the caller gets the module and Unsloth's own warning.
+    """
+    early = imported_too_early()
+    if early and strict:
+        raise UserError(
+            f"backend unsloth: {', '.join(early)} were imported before unsloth; "
+            "import unsloth first (llm_finetune.backends.unsloth.import_unsloth())"
+        )
+    if not unsloth_installed():
+        raise UserError(
+            "backend: unsloth is not installed: on a CUDA machine pip install -e '.[gpu]'; "
+            "on a CPU machine scripts/install_unsloth_cpu.sh <venv> (or use backend: hf)"
+        )
+    try:
+        import unsloth
+    except Exception as exc:  # e.g. UNSLOTH_DISABLE_CPU_FALLBACK=1 without a GPU
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"backend unsloth: import unsloth failed: {reason}") from None
+    return unsloth
+
+
+def unsloth_dtype(requested: str) -> Any:
+    """`model.dtype` for FastLanguageModel: "auto" -> None (Unsloth's choice: bf16 where the GPU
+    or CPU supports it natively, else fp16 on older GPUs and fp32 on CPUs)."""
+    if requested == "auto":
+        return None
+    import torch
+
+    return getattr(torch, requested)
+
+
+def saver_module(model: Any) -> str:
+    """The module whose save_pretrained_merged this model carries (which Unsloth code path)."""
+    method = getattr(model, "save_pretrained_merged", None)
+    if method is None:
+        return "none"
+    func = getattr(method, "__func__", method)
+    func = getattr(func, "__wrapped__", func)
+    return getattr(func, "__module__", None) or type(method).__module__
+
+
+def _safetensors_dtypes(folder: Path) -> list[str]:
+    """Tensor dtypes named in the safetensors headers (read without loading any tensor)."""
+    found: set[str] = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        found.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    return sorted(names.get(d, d) for d in found)
+
+
+@contextlib.contextmanager
+def _cpu_merge_dtype(model: Any, requested: str) -> Iterator[bool]:
+    """On the CPU path, make `merged_16bit` round a float32 merge to `requested`.
+
+    unsloth_zoo's CPU merge casts a float32 model to bfloat16 only where the CPU has native
+    bf16 (AMX / AVX512-BF16), else to float16, whatever the base was stored in. For the config's
+    merge.dtype to hold, its `cpu_bf16_supported` is answered for the duration of the save only
+    (the merge itself still runs in float32: one rounding, as the hf backend's merge).
+    Yields whether it overrode anything.
+    """
+    import torch
+
+    if saver_module(model) != CPU_SAVER_MODULE or requested not in ("bfloat16", "float16"):
+        yield False
+        return
+    if getattr(model, "dtype", None) != torch.float32:
+        yield False  # a bf16 model merges and saves in bf16; nothing to choose
+        return
+    loader = sys.modules[CPU_SAVER_MODULE]
+    original = getattr(loader, "cpu_bf16_supported", None)
+    if original is None:
+        yield False
+        return
+    loader.cpu_bf16_supported = lambda: requested == "bfloat16"
+    try:
+        yield True
+    finally:
+        loader.cpu_bf16_supported = original
+
+
+class UnslothBackend:
+    name = "unsloth"
+
+    @staticmethod
+    def check_config(config: Config) -> None:
+        """What Unsloth's merged_16bit cannot do, refused before training (call in preflight)."""
+        if config.merge.dtype == "float32":
+            raise UserError(
+                "backend unsloth saves merged_16bit: merge.dtype float32 is not possible; use "
+                "bfloat16/float16, or backend: hf (or `llm-finetune merge --dtype float32` later)"
+            )
+
+    def load_for_training(self, config: Config, base_path: str) -> tuple[Any, Any]:
+        unsloth = import_unsloth()
+        self.check_config(config)
+        fast = unsloth.FastLanguageModel
+        kwargs: dict[str, Any] = {
+            "model_name": base_path,
+            "max_seq_length": config.model.max_seq_length,
+            "dtype": unsloth_dtype(config.model.dtype),
+            "load_in_4bit": config.model.load_in_4bit,
+            "revision": config.model.revision,
+            "trust_remote_code": config.model.trust_remote_code,
+            # The configured repo, not Unsloth's pre-quantized "-bnb-4bit" twin (GPU only).
+            "use_exact_model_name": True,
+        }
+        if config.model.attn_implementation:
+            kwargs["attn_implementation"] = config.model.attn_implementation
+        model, tokenizer = fast.from_pretrained(**kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        lora = config.lora
+        try:
+            model = fast.get_peft_model(
+                model,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                bias=lora.bias,
+                use_gradient_checkpointing=(
+                    "unsloth" if config.training.gradient_checkpointing else False
+                ),
+                random_state=config.training.seed,
+                use_rslora=lora.use_rslora,
+            )
+        except ValueError as exc:  # e.g. target modules not found in the model
+            raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+        return model, tokenizer
+
+    def save_merged(
+        self,
+        model: Any,
+        tokenizer: Any,
+        base_path: str,
+        adapter_dir: Path,
+        output_dir: Path,
+        config: Config,
+    ) -> dict[str, Any]:
+        """model.save_pretrained_merged(..., "merged_16bit") into a staging folder, renamed in."""
+        from llm_finetune.fsutil import atomic_dir
+
+        self.check_config(config)
+        saver = saver_module(model)
+        on_cpu = saver == CPU_SAVER_MODULE
+        model_dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        kwargs: dict[str, Any] = {}
+        if not on_cpu:
+            # unsloth/save.py: the default safe_serialization=True turns into a pickle on hosts
+            # with <= 2 physical CPUs; None pins safetensors (GPU path, untested here).
+            kwargs["safe_serialization"] = None
+        output_dir = Path(output_dir)
+        with atomic_dir(
+            output_dir, overwrite=config.overwrite, what="merged model folder"
+        ) as stage:
+            with _cpu_merge_dtype(model, config.merge.dtype) as overridden:
+                model.save_pretrained_merged(
+                    str(stage), tokenizer, save_method="merged_16bit", **kwargs
+                )
+            if not (stage / "config.json").is_file():
+                raise UserError(f"unsloth wrote no config.json into {stage}: nothing was merged")
+        files = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*"))
+        stored = _safetensors_dtypes(output_dir)
+        quantized = bool(getattr(getattr(model, "config", None), "quantization_config", None))
+        if on_cpu:
+            merged_from = (
+                f"the in-memory model (base {base_path} loaded in {model_dtype}), merged by peft "
+                f"merge_and_unload on a deep copy"
+            )
+        else:
+            merged_from = f"the original 16-bit base weights of {base_path}, re-read shard by shard"
+        facts: dict[str, Any] = {
+            "backend": "unsloth",
+            "unsloth_version": getattr(sys.modules.get("unsloth"), "__version__", None),
+            "code_path": saver,
+            "device": "cpu" if on_cpu else "gpu",
+            "save_method": "merged_16bit",
+            "output_dir": str(output_dir),
+            "files": files,
+            "requested_dtype": config.merge.dtype,
+            "stored_dtypes": stored,
+            "training_dtype": model_dtype,
+            "loaded_in_4bit": quantized,
+            "merged_from": merged_from,
+            # CPU: an fp32 model holds the bf16 base exactly (lossless upcast); bf16 is the base.
+            "from_original_16bit_base": (not on_cpu)
+            or (not quantized and model_dtype in ("float32", "bfloat16")),
+            "cpu_dtype_override": overridden,
+        }
+        if stored and stored != [config.merge.dtype]:
+            facts["note"] = (
+                f"merge.dtype is {config.merge.dtype} but unsloth stored {', '.join(stored)}"
+            )
+        return facts
+
+
+def _hub_constants_for(endpoint: str) -> contextlib.AbstractContextManager[None]:
+    """Point huggingface_hub and transformers at `endpoint` for one call, restored afterwards.
+
+    huggingface_hub reads HF_ENDPOINT once, at import (constants.ENDPOINT and the download URL
+    template), and transformers keeps one HfApi made at first use; push_to_hub_merged accepts no
+    endpoint. So these three are swapped for the duration of the call.
+    """
+
+    @contextlib.contextmanager
+    def swap() -> Iterator[None]:
+        import transformers.utils.hub as tf_hub
+        from huggingface_hub import constants
+
+        endpoint_ = endpoint.rstrip("/")
+        saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, tf_hub._hf_api)
+        constants.ENDPOINT = endpoint_
+        constants.HUGGINGFACE_CO_URL_TEMPLATE = (
+            endpoint_ + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        tf_hub._hf_api = None  # re-created by transformers with the endpoint above
+        try:
+            yield
+        finally:
+            constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, tf_hub._hf_api = saved
+
+    return swap()
+
+
+def push_merged(
+    model: Any,
+    tokenizer: Any,
+    repo_id: str,
+    token: str | None,
+    private: bool = False,
+    commit_message: str | None = None,
+    *,
+    endpoint: str | None = None,
+    merge_dtype: str = "bfloat16",
+    readme: Path | None = None,
+) -> dict[str, Any]:
+    """`model.push_to_hub_merged(repo_id, tokenizer, save_method="merged_16bit", ...)`.
+
+    `endpoint`: the Hub to push to; None means huggingface_hub's (HF_ENDPOINT as read at import).
+    `readme`: a model card uploaded afterwards over the generic card transformers pushes.
+    Returns the repo's files and commits after the push (read back from the endpoint).
+    """
+    if not token:
+        raise UserError("no Hub token found: export HF_TOKEN=<token> or run `hf auth login`")
+    import_unsloth()
+    from huggingface_hub import HfApi, constants
+
+    from llm_finetune.publish import _explain_http_error, hub_client_settings
+
+    target = (endpoint or constants.ENDPOINT).rstrip("/")
+    redirect = (
+        _hub_constants_for(target)
+        if target != constants.ENDPOINT.rstrip("/")
+        else contextlib.nullcontext()
+    )
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=target, token=token, library_name="llm-finetune")
+    with hub_client_settings(target), redirect:
+        try:
+            with _cpu_merge_dtype(model, merge_dtype):
+                model.push_to_hub_merged(
+                    repo_id,
+                    tokenizer,
+                    save_method="merged_16bit",
+                    token=token,
+                    private=private,
+                    commit_message=commit_message or "Upload merged_16bit model",
+                )
+            if readme is not None:
+                api.upload_file(
+                    path_or_fileobj=str(readme),
+                    path_in_repo="README.md",
+                    repo_id=repo_id,
+                    commit_message="Model card",
+                )
+            commits = api.list_repo_commits(repo_id)
+            files = sorted(api.list_repo_files(repo_id, revision=commits[0].commit_id))
+        except HfHubHTTPError as exc:
+            raise _explain_http_error(exc, target, repo_id) from None
+        except OSError as exc:
+            raise UserError(f"upload to {target} failed: {exc}; re-run the publish") from None
+    return {
+        "repo_id": repo_id,
+        "endpoint": target,
+        "code_path": saver_module(model),
+        "commit": commits[0].commit_id,
+        "commits": [{"id": c.commit_id, "title": c.title} for c in commits],
+        "files": files,
+    }
