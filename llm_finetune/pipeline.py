@@ -166,7 +166,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         log(f"    {world_size()} processes: training in all, merge/verify/publish in the main one")
     if not is_main_process():
         return report
-    if until == "publish":
+    if until == "publish" and reuse.merged is None:
         report.notes.append(check_disk(base, config.model.revision, out, config.merge.dtype))
         log(f"    {report.notes[-1]}")
     if until == "publish" and config.publish.enabled:
