@@ -90,12 +90,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from llm_finetune.publish import preflight, publish_folder, resolve_endpoint, resolve_token
+    from llm_finetune.publish import (
+        preflight,
+        publish_adapter,
+        publish_folder,
+        resolve_endpoint,
+        resolve_token,
+    )
 
     endpoint = resolve_endpoint(args.endpoint)
     token = resolve_token()
     preflight(args.repo_id, endpoint, token, args.private)
-    report = publish_folder(
+    folder = Path(args.folder)
+    is_adapter = (folder / "adapter_config.json").is_file() and not (
+        folder / "config.json"
+    ).is_file()
+    report = (publish_adapter if is_adapter else publish_folder)(
         Path(args.folder),
         args.repo_id,
         endpoint,
@@ -103,6 +113,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         private=args.private,
         revision=args.revision,
         commit_message=args.commit_message,
+        replace_readme=args.replace_readme,
     )
     print(json.dumps(report.as_dict(), indent=2))
     return 0
@@ -159,13 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("publish", help="upload a model folder to the Hub in one commit")
-    p.add_argument("--folder", required=True)
+    p = sub.add_parser("publish", help="upload a model (or adapter) folder in one commit")
+    p.add_argument("--folder", required=True, help="a merged model folder, or a LoRA adapter")
     p.add_argument("--repo-id", required=True)
     p.add_argument("--endpoint", help="Hub-compatible server URL (default: HF_ENDPOINT or the Hub)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", default="main")
     p.add_argument("--commit-message")
+    p.add_argument(
+        "--replace-readme", action="store_true", help="replace the repo's existing README.md"
+    )
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("hub-server", help="serve a local Hub-compatible endpoint (open, for tests)")

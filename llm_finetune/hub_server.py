@@ -21,7 +21,8 @@ server processes must not share a storage directory).
 Faults can be injected for tests (:meth:`HubServer.inject`): a status reply, a connection dropped
 after part of the request body, a stall before or after handling, or a reply that never comes
 (the request took effect but the client cannot know). ``stats`` counts requests, commits and body
-bytes, and ``path_bytes`` the body bytes read per URL path, so tests can count what was re-sent.
+bytes, and ``path_bytes`` the body bytes read per "METHOD /path" (cut-off uploads included), so
+tests can count what was re-sent.
 
 Only stdlib is used so the server can run in any environment the project runs in.
 """

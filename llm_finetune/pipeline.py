@@ -179,6 +179,13 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         checked = publish_preflight(
             target.repo_id, target.endpoint, target.token, config.publish.private
         )
+        if config.publish.adapter_repo_id:
+            publish_preflight(
+                config.publish.adapter_repo_id,
+                target.endpoint,
+                target.token,
+                config.publish.private,
+            )
         state = "exists" if checked.repo_existed else "created"
         log(
             f"    publish: {checked.user} can write {target.repo_id} on {target.endpoint} ({state})"
@@ -420,6 +427,22 @@ def _verify(
         log("    warning: the adapter barely changes the model; was training effective?")
 
 
+@contextlib.contextmanager
+def _rerun_hint(target: PublishTarget) -> Iterator[None]:
+    """A publish error names a command to resume it; for the run's own local server, which
+    stops with the run, re-running the run is the way (finished stages are reused)."""
+    try:
+        yield
+    except UserError as exc:
+        if target.server is None:
+            raise
+        reason = str(exc).split("; Re-run", 1)[0].split(". Re-run", 1)[0]
+        raise UserError(
+            f"{reason}; run the same command again: finished stages are reused and only "
+            "missing files are sent"
+        ) from None
+
+
 def _publish(
     config: Config,
     checks: Preflight,
@@ -429,7 +452,7 @@ def _publish(
     facts: dict[str, Any],
 ) -> None:
     from llm_finetune.loadback import load_back
-    from llm_finetune.publish import publish_folder, write_model_card
+    from llm_finetune.publish import publish_adapter, publish_folder, write_model_card
 
     target = checks.publish
     assert target is not None
@@ -450,7 +473,11 @@ def _publish(
             usage_prompt=prompt,
         )
         seal_merged(config, facts)
-    with clock.stage("publish", f"uploading to {target.repo_id} on {target.endpoint}"):
+    message = config.publish.commit_message or f"llm-finetune run {config.run_name}"
+    with (
+        clock.stage("publish", f"uploading to {target.repo_id} on {target.endpoint}"),
+        _rerun_hint(target),
+    ):
         published = publish_folder(
             merged_dir,
             target.repo_id,
@@ -458,11 +485,27 @@ def _publish(
             target.token,
             private=config.publish.private,
             revision=config.publish.revision,
-            commit_message=config.publish.commit_message
-            or f"llm-finetune run {config.run_name}: merged_16bit ({config.merge.dtype})",
+            commit_message=f"{message}: merged_16bit ({config.merge.dtype})",
+            replace_readme=config.publish.replace_readme,
         )
-    summary["published"] = published.as_dict()
-    log(f"    commit {published.commit} with {len(published.files)} files: {published.url}")
+        summary["published"] = published.as_dict()
+        state = f"commit {published.commit}" if published.committed else "already up to date"
+        log(f"    {state}, {len(published.files)} files: {published.url}")
+        if published.readme_kept:
+            log("    kept the repo's own README.md (publish.replace_readme: true replaces it)")
+        if config.publish.adapter_repo_id:
+            adapter = publish_adapter(
+                config.output_path / "adapter",
+                config.publish.adapter_repo_id,
+                target.endpoint,
+                target.token,
+                private=config.publish.private,
+                revision=config.publish.revision,
+                commit_message=f"{message}: LoRA adapter",
+                replace_readme=config.publish.replace_readme,
+            )
+            summary["published_adapter"] = adapter.as_dict()
+            log(f"    adapter: {adapter.url}")
     if config.publish.load_back:
         with clock.stage("load_back", f"from_pretrained({target.repo_id!r}) in a fresh process"):
             loaded = load_back(

@@ -400,9 +400,14 @@ class LocalFile:
             return CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=self.data)
         operation = CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=str(self.source))
         if operation.upload_info.size != self.size:
-            raise _changed_error(self.source.parent, self.path)
+            raise _changed_error(self.folder, self.path)
         operation.upload_info.sha256 = bytes.fromhex(self.sha256)
         return operation
+
+    @property
+    def folder(self) -> Path:
+        """The folder being published (`source` minus `path`)."""
+        return self.source.parents[self.path.count("/")]
 
     def git_oid(self) -> str:
         """The git blob id, which the Hub lists for regular (non-LFS) files."""
@@ -423,7 +428,7 @@ class LocalFile:
 
 def _changed_error(folder: Path, name: str) -> UserError:
     return UserError(
-        f"{str(folder)!r} changed after it was checked ({name}); nothing was uploaded from it: "
+        f"{str(folder)!r} changed after it was checked ({name}); nothing was published: "
         "re-create the folder (or restore the file) and publish again"
     )
 
@@ -456,7 +461,8 @@ def local_files(folder: Path) -> list[LocalFile]:
         else:
             size = stat.st_size
             sha = expected[rel]["sha256"] if expected and rel in expected else sha256_file(path)
-        if expected is not None and expected.get(rel) != {"sha256": sha, "size": size}:
+        want = expected.get(rel) if expected is not None else {"sha256": sha, "size": size}
+        if want is None or (want.get("sha256"), want.get("size")) != (sha, size):
             raise _changed_error(folder, rel)
         file = LocalFile(rel, path, size, sha, stat.st_mtime_ns, data)
         if file.changed():  # touched while the manifest check was reading it
@@ -612,7 +618,7 @@ def _attempt(
     api.preupload_lfs_files(repo_id, additions=additions, revision=revision, free_memory=False)
     for file in published:  # uploads done; the commit must describe the checked files
         if file.changed():
-            raise _changed_error(file.source.parent, file.path)
+            raise _changed_error(file.folder, file.path)
     operations = [*additions, *(CommitOperationDelete(path_in_repo=p) for p in stale)]
     info = api.create_commit(
         repo_id,

@@ -14,7 +14,14 @@ SUBCOMMAND_OPTIONS: dict[str, list[str]] = {
     "validate": ["config", "key.path=value", "--overwrite"],
     "merge": ["--base", "--adapter", "--output", "--dtype", "bfloat16,float16,float32"],
     "verify": ["--base", "--adapter", "--merged", "--prompts", "--format", "--max-new-tokens"],
-    "publish": ["--folder", "--repo-id", "--endpoint", "--private", "--revision"],
+    "publish": [
+        "--folder",
+        "--repo-id",
+        "--endpoint",
+        "--private",
+        "--revision",
+        "--replace-readme",
+    ],
     "hub-server": ["--port", "--storage"],
 }
 

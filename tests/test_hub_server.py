@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,3 +332,89 @@ def test_from_pretrained_end_to_end(server: HubServer, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     assert "weights equal" in result.stdout
     assert server.stats["lfs_uploads"] == 1  # model.safetensors went through LFS
+
+
+# -- fault injection
+
+
+def _lfs_href(server: HubServer, repo: str, data: bytes) -> str:
+    oid = hashlib.sha256(data).hexdigest()
+    batch = httpx.post(
+        f"{server.url}/{repo}.git/info/lfs/objects/batch",
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+        headers={"Authorization": f"Bearer {ALICE}"},
+    ).json()
+    return batch["objects"][0]["actions"]["upload"]["href"]
+
+
+def test_injected_status_fires_a_bounded_number_of_times(api, server: HubServer) -> None:
+    whoami = f"{server.url}/api/whoami-v2"
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    rule = server.inject("status", method="GET", path=r"^/api/whoami", status=503, times=2)
+    server.inject("status", method="POST", path=r"^/api/whoami", status=500)  # other method
+    codes = [httpx.get(whoami, headers=auth).status_code for _ in range(3)]
+    assert codes == [503, 503, 200]
+    assert rule.claimed == 2 and rule.fired.is_set() and server.stats["faults_fired"] == 2
+    server.inject("status", path="whoami", status=401, times=None)
+    with pytest.raises(HfHubHTTPError) as exc:
+        api().whoami()
+    assert _status(exc) == 401
+    server.clear_faults()
+    assert api().whoami()["name"] == "alice"
+
+
+def test_injected_drop_cuts_the_body_at_an_exact_offset(api, server: HubServer) -> None:
+    api().create_repo("alice/m")
+    data = os.urandom(LFS_SIZE)
+    href = _lfs_href(server, "alice/m", data)
+    rule = server.inject("drop", method="PUT", path=r"^/lfs-upload/", after_bytes=100_000)
+    with pytest.raises(httpx.TransportError):  # no answer: the connection just ends
+        httpx.put(href, content=data)
+    assert rule.fired.is_set()
+    assert server.bytes_received(r"^/lfs-upload/", method="PUT") == 100_000
+    assert server.stats["lfs_uploads"] == 0  # the cut-off upload was not stored
+    assert httpx.put(href, content=data).status_code == 200  # times=1: the next one passes
+    assert server.bytes_received(r"^/lfs-upload/", method="PUT") == 100_000 + LFS_SIZE
+    assert server.stats["lfs_bytes_received"] == LFS_SIZE
+
+
+def test_a_lost_reply_still_applies_the_commit(api, server: HubServer) -> None:
+    api().create_repo("alice/m")
+    server.inject("lose_reply", method="POST", path=r"/commit/")
+    op = {"key": "file", "value": {"path": "a.txt", "content": "YQ==", "encoding": "base64"}}
+    with pytest.raises(httpx.TransportError):
+        _raw_commit(server, "alice/m", op)
+    assert "a.txt" in api().list_repo_files("alice/m")  # it landed; the client cannot know
+
+
+def test_a_stall_ends_when_released_or_hangs_up(api, server: HubServer) -> None:
+    whoami = f"{server.url}/api/whoami-v2"
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    rule = server.inject("stall", path="whoami", seconds=60)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(httpx.get, whoami, headers=auth, timeout=30)
+        assert rule.wait_fired(10)
+        server.clear_faults()  # goes on as if the wait was over
+        assert pending.result().status_code == 200
+        rule = server.inject("stall", path="whoami", seconds=60)
+        pending = pool.submit(httpx.get, whoami, headers=auth, timeout=30)
+        assert rule.wait_fired(10)
+        server.clear_faults(hang_up=True)  # ends without an answer
+        with pytest.raises(httpx.TransportError):
+            pending.result()
+    with pytest.raises(httpx.ReadTimeout):  # a stall is what a client timeout is for
+        server.inject("stall", path="whoami", seconds=5)
+        httpx.get(whoami, headers=auth, timeout=0.3)
+    server.clear_faults(hang_up=True)
+
+
+def test_inject_rejects_what_it_cannot_do(server: HubServer) -> None:
+    with pytest.raises(ValueError, match="unknown fault action"):
+        server.inject("explode")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be an error"):
+        server.inject("status", status=200)
+    with pytest.raises(ValueError, match="times must be"):
+        server.inject("drop", times=0)
+    with pytest.raises(re.error):
+        server.inject("drop", path="(")
+    assert server.faults == []

@@ -88,8 +88,8 @@ def test_bad_token_fails_in_preflight_before_training(hub, tmp_path):
     assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
 
 
-def test_good_token_passes_preflight_against_a_remote_endpoint(hub, tmp_path):
-    """The same path with a valid token reaches training (cut short by max_steps)."""
+def test_good_token_publishes_model_and_adapter_to_a_remote_endpoint(hub, tmp_path):
+    """The same path with a valid token: trains (briefly), publishes both repos."""
     out = tmp_path / "out"
     done = cli(
         "run",
@@ -97,6 +97,7 @@ def test_good_token_passes_preflight_against_a_remote_endpoint(hub, tmp_path):
         f"output_dir={out}",
         f"publish.endpoint={hub.url}",
         "publish.repo_id=alice/demo",
+        "publish.adapter_repo_id=team/demo-adapter",
         "training.max_steps=5",
         "publish.load_back=false",
         cwd=tmp_path,
@@ -108,6 +109,10 @@ def test_good_token_passes_preflight_against_a_remote_endpoint(hub, tmp_path):
     summary = json.loads((out / "run-summary.json").read_text())
     assert summary["published"]["repo_id"] == "alice/demo"
     assert summary["published"]["endpoint"] == hub.url
+    assert "llm-finetune-manifest.json" not in summary["published"]["files"]
+    adapter = summary["published_adapter"]
+    assert adapter["repo_id"] == "team/demo-adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(adapter["files"])
     assert GOOD_TOKEN not in done.stdout + done.stderr
     assert GOOD_TOKEN not in (out / "run-summary.json").read_text()
 

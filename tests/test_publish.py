@@ -105,3 +105,184 @@ def test_publish_to_a_branch(hub, tmp_path):
 def test_publish_refuses_a_folder_without_a_model(hub, tmp_path):
     with pytest.raises(UserError, match="not a model folder"):
         publish_folder(tmp_path, "alice/empty", hub.url, GOOD_TOKEN)
+
+
+# -- one verified commit: README, stale files, no-op re-runs, adapters, the manifest
+
+
+def _api(hub):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub.url, token=GOOD_TOKEN)
+
+
+def _remote_text(hub, repo_id: str, name: str) -> str:
+    import httpx
+
+    return httpx.get(f"{hub.url}/{repo_id}/resolve/main/{name}").text
+
+
+def _small_model(folder, *, shards: int = 0, readme: str | None = "# ours\n"):
+    """config.json plus one model.safetensors, or `shards` shards and their index."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    if shards:
+        names = [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)]
+        for i, name in enumerate(names):
+            (folder / name).write_bytes(bytes([i]) * 4096)
+        index = {"weight_map": {f"w{i}": name for i, name in enumerate(names)}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        (folder / "model.safetensors").write_bytes(b"\x07" * 4096)
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
+    return folder
+
+
+def test_an_existing_readme_is_kept_unless_replace_readme(hub, tmp_path):
+    folder = _small_model(tmp_path / "m")
+    with hub_client_settings(hub.url):
+        _api(hub).create_repo("alice/carded")
+        _api(hub).upload_file(
+            path_or_fileobj=b"# theirs\n", path_in_repo="README.md", repo_id="alice/carded"
+        )
+    kept = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN)
+    assert kept.readme_kept and "README.md" not in kept.files
+    assert _remote_text(hub, "alice/carded", "README.md") == "# theirs\n"
+
+    replaced = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN, replace_readme=True)
+    assert not replaced.readme_kept and "README.md" in replaced.files
+    assert _remote_text(hub, "alice/carded", "README.md") == "# ours\n"
+    again = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN)  # ours is there now
+    assert not again.readme_kept and not again.committed
+
+
+def test_republishing_replaces_stale_weights_in_the_same_commit(hub, tmp_path):
+    """A sharded v2 over a single-file v1: the old model.safetensors would shadow the shards
+    (transformers loads it first), so it goes in the same commit; other files stay."""
+    publish_folder(_small_model(tmp_path / "v1"), "alice/evolving", hub.url, GOOD_TOKEN)
+    with hub_client_settings(hub.url):
+        _api(hub).upload_file(
+            path_or_fileobj=b"png", path_in_repo="images/plot.png", repo_id="alice/evolving"
+        )
+        before = len(_api(hub).list_repo_commits("alice/evolving"))
+    report = publish_folder(
+        _small_model(tmp_path / "v2", shards=2), "alice/evolving", hub.url, GOOD_TOKEN
+    )
+    assert report.deleted == ["model.safetensors"] and report.committed
+    with hub_client_settings(hub.url):
+        remote = set(_api(hub).list_repo_files("alice/evolving"))
+        assert len(_api(hub).list_repo_commits("alice/evolving")) == before + 1
+    assert "model.safetensors" not in remote
+    assert {"images/plot.png", "model-00002-of-00002.safetensors"} <= remote
+
+
+def test_republishing_the_same_folder_makes_no_commit(hub, tmp_path):
+    folder = _small_model(tmp_path / "m")
+    first = publish_folder(folder, "alice/same", hub.url, GOOD_TOKEN)
+    second = publish_folder(folder, "alice/same", hub.url, GOOD_TOKEN)
+    assert first.committed and not second.committed and second.commit == first.commit
+
+
+def test_the_manifest_is_checked_and_never_uploaded(hub, tmp_path):
+    from llm_finetune.manifest import MANIFEST, write_manifest
+
+    folder = _small_model(tmp_path / "m")
+    write_manifest(folder, "merge", "inputs")
+    report = publish_folder(folder, "alice/manifested", hub.url, GOOD_TOKEN)
+    with hub_client_settings(hub.url):
+        remote = _api(hub).list_repo_files("alice/manifested")
+    assert MANIFEST not in report.files and MANIFEST not in remote
+    (folder / "extra.txt").write_text("added after the merge was verified")
+    with pytest.raises(UserError, match="extra.txt"):
+        publish_folder(folder, "alice/manifested", hub.url, GOOD_TOKEN)
+
+
+def test_publish_adapter_to_its_own_repo(hub, tmp_path):
+    from llm_finetune.publish import publish_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x01" * 8192)
+    (adapter / "README.md").write_text("# adapter\n")
+    report = publish_adapter(adapter, "alice/tiny-lora", hub.url, GOOD_TOKEN)
+    assert report.kind == "adapter"
+    assert set(report.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    with pytest.raises(UserError, match="not a LoRA adapter folder"):
+        publish_adapter(_small_model(tmp_path / "m"), "alice/x", hub.url, GOOD_TOKEN)
+    with pytest.raises(UserError, match="not a model folder"):
+        publish_folder(adapter, "alice/x", hub.url, GOOD_TOKEN)
+
+
+def test_remote_differences_names_every_mismatch(tmp_path):
+    from huggingface_hub.hf_api import RepoFile
+
+    from llm_finetune.publish import local_files, remote_differences
+
+    folder = _small_model(tmp_path / "m", readme=None)
+    (folder / "tokenizer.json").write_text("{}")
+    files = {f.path: f for f in local_files(folder)}
+    weights, config = files["model.safetensors"], files["config.json"]
+
+    def lfs(path, size, sha):
+        return RepoFile(
+            path=path, size=size, oid="0" * 40, lfs={"size": size, "oid": sha, "pointerSize": 1}
+        )
+
+    good = {
+        "model.safetensors": lfs("model.safetensors", weights.size, weights.sha256),
+        "config.json": RepoFile(path="config.json", size=config.size, oid=config.git_oid()),
+        "tokenizer.json": RepoFile(
+            path="tokenizer.json", size=2, oid=files["tokenizer.json"].git_oid()
+        ),
+        "images/plot.png": RepoFile(path="images/plot.png", size=3, oid="1" * 40),
+    }
+    assert remote_differences(list(files.values()), good) == []
+    bad = dict(good)
+    bad["model.safetensors"] = lfs("model.safetensors", weights.size, "f" * 64)
+    bad["config.json"] = RepoFile(path="config.json", size=config.size, oid="2" * 40)
+    del bad["tokenizer.json"]
+    bad["model-00001-of-00002.safetensors"] = lfs("model-00001-of-00002.safetensors", 1, "e" * 64)
+    problems = remote_differences(list(files.values()), bad)
+    assert len(problems) == 4
+    assert any("model.safetensors has sha256 ffffffffffff" in p for p in problems)
+    assert any("config.json has other content" in p for p in problems)
+    assert any("tokenizer.json is missing" in p for p in problems)
+    assert any(
+        "model-00001-of-00002.safetensors is on the Hub but not in the folder" in p
+        for p in problems
+    )
+
+
+def test_a_server_listing_other_content_fails_the_publish(hub, tmp_path, monkeypatch):
+    """What the server lists after the commit is compared with the folder; a difference (here
+    simulated: a truncated weights file) is an error naming the file and the re-run."""
+    from huggingface_hub import HfApi
+
+    original = HfApi.list_repo_tree
+
+    def truncated(self, *args, **kwargs):
+        for entry in original(self, *args, **kwargs):
+            if entry.path == "model.safetensors":
+                entry.size -= 1
+            yield entry
+
+    monkeypatch.setattr(HfApi, "list_repo_tree", truncated)
+    with pytest.raises(UserError, match="model.safetensors has 4095 bytes, not 4096") as caught:
+        publish_folder(_small_model(tmp_path / "m"), "alice/liar", hub.url, GOOD_TOKEN)
+    assert "llm-finetune publish --folder" in str(caught.value)
+
+
+def test_rerun_command_is_exact_and_quoted(tmp_path):
+    from llm_finetune.publish import DEFAULT_ENDPOINT, rerun_command
+
+    folder = tmp_path / "my model"
+    assert rerun_command(folder, "you/m", DEFAULT_ENDPOINT) == (
+        f"llm-finetune publish --folder '{folder.resolve()}' --repo-id you/m"
+    )
+    assert rerun_command(folder, "you/m", "http://127.0.0.1:9", "v2", private=True).endswith(
+        "--repo-id you/m --endpoint http://127.0.0.1:9 --revision v2 --private"
+    )

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -149,6 +150,28 @@ def test_a_file_changed_after_verification_is_never_sent(server: HubServer, tmp_
     assert server.stats["requests"] == 0  # refused before any request
 
 
+def test_a_file_touched_during_the_upload_is_not_committed(server: HubServer, tmp_path: Path):
+    """The big shard is rewritten while the upload runs (during its LFS verify call): the
+    publish stops before the commit, and the branch is untouched."""
+    folder = make_model(tmp_path, "m", seed=1)
+    shard = folder / "model-00001-of-00003.safetensors"
+    rule = server.inject(
+        "stall", method="POST", path=f"^/lfs-upload/.*/{big_oid(folder)}/", seconds=30
+    )
+
+    def touch_then_release() -> None:
+        if rule.wait_fired(30):
+            shard.write_bytes(shard.read_bytes())  # same bytes, but written after the check
+        server.clear_faults()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        toucher = pool.submit(touch_then_release)
+        with pytest.raises(UserError, match=r"changed after it was checked.*00001-of-00003"):
+            publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+        toucher.result()
+    assert server.stats["commits"] == 0 and sorted(tree(server, REPO)) == [".gitattributes"]
+
+
 # -- transient faults: retried, only what the server lacks is sent again
 
 
@@ -205,8 +228,8 @@ def test_a_stall_times_out_and_is_retried(server: HubServer, tmp_path: Path, whe
             "stall", method="PUT", path=f"/{big_oid(folder)}/", after_bytes=1 << 20, seconds=60
         )
     else:  # stalls before reading the commit, which goes on later: it must not land twice
-        rule = server.inject("stall", method="POST", path=COMMIT, seconds=2)
-    policy = RetryPolicy(attempts=3, first_wait=0.05, max_wait=0.1, timeout=0.5)
+        rule = server.inject("stall", method="POST", path=COMMIT, seconds=2.5)
+    policy = RetryPolicy(attempts=3, first_wait=0.05, max_wait=0.1, timeout=1.0)
 
     report = publish_folder(folder, REPO, server.url, TOKEN, retry=policy)
 
