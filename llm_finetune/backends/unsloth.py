@@ -138,6 +138,19 @@ def _cpu_merge_dtype(model: Any, requested: str) -> Iterator[bool]:
         loader.cpu_bf16_supported = original
 
 
+@contextlib.contextmanager
+def _right_padding(tokenizer: Any) -> Iterator[None]:
+    """Save the tokenizer as trained: `for_inference` flips the same object to left padding."""
+    side = getattr(tokenizer, "padding_side", None)
+    if side is not None:
+        tokenizer.padding_side = "right"
+    try:
+        yield
+    finally:
+        if side is not None:
+            tokenizer.padding_side = side
+
+
 class UnslothBackend:
     name = "unsloth"
 
@@ -214,7 +227,10 @@ class UnslothBackend:
         with atomic_dir(
             output_dir, overwrite=config.overwrite, what="merged model folder"
         ) as stage:
-            with _cpu_merge_dtype(model, config.merge.dtype) as overridden:
+            with (
+                _cpu_merge_dtype(model, config.merge.dtype) as overridden,
+                _right_padding(tokenizer),
+            ):
                 model.save_pretrained_merged(
                     str(stage), tokenizer, save_method="merged_16bit", **kwargs
                 )
@@ -319,7 +335,7 @@ def push_merged(
     api = HfApi(endpoint=target, token=token, library_name="llm-finetune")
     with hub_client_settings(target), redirect:
         try:
-            with _cpu_merge_dtype(model, merge_dtype):
+            with _cpu_merge_dtype(model, merge_dtype), _right_padding(tokenizer):
                 model.push_to_hub_merged(
                     repo_id,
                     tokenizer,
@@ -341,6 +357,10 @@ def push_merged(
             raise _explain_http_error(exc, target, repo_id) from None
         except OSError as exc:
             raise UserError(f"upload to {target} failed: {exc}; re-run the publish") from None
+        except Exception as exc:  # httpx transport errors are not OSErrors
+            if not type(exc).__module__.startswith("httpx"):
+                raise
+            raise UserError(f"cannot reach the Hub at {target}: {exc}") from None
     return {
         "repo_id": repo_id,
         "endpoint": target,
