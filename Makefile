@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/llm-finetune
 STAMP := $(VENV)/.installed
+UNSLOTH_STAMP := $(VENV)/.unsloth
 CONFIG ?= configs/tiny-demo.yaml
 # CPU machines get the CPU build of torch; a GPU box (nvidia-smi present) keeps PyPI's CUDA build.
 CPU_TORCH ?= torch==2.13.0
@@ -22,7 +23,7 @@ RUN := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_pr
 	$(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) -m llm_finetune.cli
 endif
 
-.PHONY: setup finetune-and-publish train merge verify publish test test-fast lint format bench clean
+.PHONY: setup setup-unsloth finetune-and-publish train merge verify publish test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,18 @@ $(STAMP): pyproject.toml
 	touch $@
 
 setup: $(STAMP)
+
+## Unsloth: the gpu extra on a GPU box; on a CPU machine its CPU fallback (--no-deps install),
+## so the tests run the unsloth backend for real.
+setup-unsloth: $(UNSLOTH_STAMP)
+
+$(UNSLOTH_STAMP): $(STAMP) scripts/install_unsloth_cpu.sh
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet -e ".[gpu,dev]"; \
+	else \
+		bash scripts/install_unsloth_cpu.sh $(VENV); \
+	fi
+	touch $@
 
 ## The main job: train -> adapter -> 16-bit merge -> verify -> publish (CONFIG=configs/<yours>.yaml)
 finetune-and-publish: $(STAMP)
@@ -56,10 +69,10 @@ verify: $(STAMP)
 publish: $(STAMP)
 	$(CLI) publish --folder "$(FOLDER)" --repo-id "$(REPO_ID)" $(ARGS)
 
-test: $(STAMP)
+test: $(UNSLOTH_STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(UNSLOTH_STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

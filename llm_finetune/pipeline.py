@@ -147,6 +147,11 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     log(f"    outputs: {reuse.describe()} ({out})")
     choice = choose_backend(config.backend)
     log(f"    {choice.reason}")
+    if choice.name == "unsloth":  # first: Unsloth patches transformers/peft/trl on import
+        from llm_finetune.backends.unsloth import UnslothBackend, import_unsloth
+
+        import_unsloth(strict=True)
+        UnslothBackend.check_config(config)
     if config.model.load_in_4bit:
         import torch
 
@@ -282,15 +287,17 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                 summary["status"] = "trained"
                 return summary
             facts = _merge(config, checks, summary, clock, backend, model, tokenizer)
-            del model
-            gc.collect()
+            if backend.name != "unsloth" or checks.publish is None:
+                del model  # the unsloth backend publishes from the model in memory
+                gc.collect()
+                model = None
             prompts = [
                 inference_prompt(config.data.format, p, tokenizer) for p in config.verify.prompts
             ]
             if config.verify.enabled:
                 _verify(config, checks, summary, clock, prompts, facts)
             if checks.publish is not None:
-                _publish(config, checks, summary, clock, prompts[0], facts)
+                _publish(config, checks, summary, clock, prompts[0], facts, model, tokenizer)
             summary["status"] = "succeeded"
             return summary
     except (UserError, KeyboardInterrupt) as exc:
@@ -427,6 +434,33 @@ def _verify(
         log("    warning: the adapter barely changes the model; was training effective?")
 
 
+def _push_with_unsloth(
+    config: Config,
+    target: PublishTarget,
+    summary: dict[str, Any],
+    clock: StageClock,
+    model: Any,
+    tokenizer: Any,
+    message: str,
+) -> None:
+    """The handbook's call: model.push_to_hub_merged(repo_id, tokenizer, "merged_16bit")."""
+    from llm_finetune.backends.unsloth import push_merged
+
+    with clock.stage("unsloth_push", f"push_to_hub_merged({target.repo_id!r}, merged_16bit)"):
+        pushed = push_merged(
+            model,
+            tokenizer,
+            target.repo_id,
+            target.token,
+            private=config.publish.private,
+            commit_message=f"{message}: merged_16bit ({config.merge.dtype}) by Unsloth",
+            endpoint=target.endpoint,
+            merge_dtype=config.merge.dtype,
+        )
+    summary["unsloth_push"] = pushed
+    log(f"    Unsloth pushed {len(pushed['files'])} files ({pushed['code_path']})")
+
+
 @contextlib.contextmanager
 def _rerun_hint(target: PublishTarget) -> Iterator[None]:
     """A publish error names a command to resume it; for the run's own local server, which
@@ -450,6 +484,8 @@ def _publish(
     clock: StageClock,
     prompt: str,
     facts: dict[str, Any],
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> None:
     from llm_finetune.loadback import load_back
     from llm_finetune.publish import publish_adapter, publish_folder, write_model_card
@@ -474,10 +510,14 @@ def _publish(
         )
         seal_merged(config, facts)
     message = config.publish.commit_message or f"llm-finetune run {config.run_name}"
+    if model is not None and checks.backend == "unsloth":
+        _push_with_unsloth(config, target, summary, clock, model, tokenizer, message)
     with (
         clock.stage("publish", f"uploading to {target.repo_id} on {target.endpoint}"),
         _rerun_hint(target),
     ):
+        # After an Unsloth push this sends only what differs from the verified folder (our
+        # card instead of the generic one, ...) and checks every file's hash on the server.
         published = publish_folder(
             merged_dir,
             target.repo_id,
@@ -486,7 +526,7 @@ def _publish(
             private=config.publish.private,
             revision=config.publish.revision,
             commit_message=f"{message}: merged_16bit ({config.merge.dtype})",
-            replace_readme=config.publish.replace_readme,
+            replace_readme=config.publish.replace_readme or checks.backend == "unsloth",
         )
         summary["published"] = published.as_dict()
         state = f"commit {published.commit}" if published.committed else "already up to date"

@@ -53,9 +53,9 @@ def _cuda_available() -> bool:
 
 def choose_backend(requested: str) -> BackendChoice:
     """Resolve `backend: auto|hf|unsloth` to a backend that can run here, and say why."""
-    unsloth_installed = importlib.util.find_spec("unsloth") is not None
     from llm_finetune.distributed import world_size
 
+    unsloth_installed = importlib.util.find_spec("unsloth") is not None
     if requested == "hf":
         return BackendChoice("hf", "backend: hf was requested")
     if world_size() > 1:
@@ -65,18 +65,20 @@ def choose_backend(requested: str) -> BackendChoice:
                 "use backend: hf (or auto) for DDP, FSDP or DeepSpeed"
             )
         return BackendChoice("hf", f"backend: auto picked hf: {world_size()} processes")
+    cuda = _cuda_available()
     if requested == "unsloth":
-        raise UserError(
-            "backend: unsloth is not available in this version of llm-finetune yet; "
-            "use backend: hf (or auto), which runs the same config with transformers + peft"
-        )
-    if not _cuda_available():
+        if not unsloth_installed:
+            raise UserError(
+                "backend: unsloth is not installed: on a GPU box pip install -e '.[gpu]'; on a "
+                "CPU machine scripts/install_unsloth_cpu.sh .venv (or use backend: hf or auto)"
+            )
+        where = "on the CUDA GPU" if cuda else "on Unsloth's CPU fallback (no CUDA GPU found)"
+        return BackendChoice("unsloth", f"backend: unsloth was requested; it runs {where}")
+    if not cuda:
         return BackendChoice("hf", "backend: auto picked hf: no CUDA GPU found")
     if not unsloth_installed:
         return BackendChoice("hf", "backend: auto picked hf: unsloth is not installed")
-    return BackendChoice(
-        "hf", "backend: auto picked hf: the unsloth backend is not available in this version"
-    )
+    return BackendChoice("unsloth", "backend: auto picked unsloth: a CUDA GPU and unsloth")
 
 
 def get_backend(name: str) -> Backend:
@@ -84,4 +86,8 @@ def get_backend(name: str) -> Backend:
         from llm_finetune.backends import hf
 
         return hf.HFBackend()
-    raise UserError(f"unknown backend {name!r}; use hf or auto")
+    if name == "unsloth":
+        from llm_finetune.backends.unsloth import UnslothBackend
+
+        return UnslothBackend()
+    raise UserError(f"unknown backend {name!r}; use hf, unsloth or auto")

@@ -1,0 +1,358 @@
+"""The unsloth backend, run for real on the tiny model where unsloth is installed.
+
+Unsloth must be imported before transformers/peft/trl, and importing it patches them for the
+whole process, so the Unsloth calls run in a child process (one, shared by the tests below):
+load + LoRA with FastLanguageModel, the project's trl training, save_pretrained_merged,
+push_to_hub_merged to a local Hub server started here. This process then checks the results
+with plain transformers + peft only. `pytest.importorskip("unsloth")` is not used on purpose:
+it would import unsloth into this process and patch trl/transformers for every later test.
+
+Without a GPU this exercises Unsloth's CPU fallback (unsloth_zoo/cpu/...); the GPU code path
+(unsloth/save.py) needs a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_finetune.errors import UserError
+from tests.conftest import GOOD_TOKEN, REPO_ROOT, tiny_config
+
+HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
+needs_unsloth = pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed")
+REPO_ID = "alice/tiny-unsloth"
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens: a push that ignores `endpoint` fails here
+STEPS = 12
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+
+from llm_finetune.backends import unsloth as backend_module
+
+t0 = time.perf_counter()
+backend_module.import_unsloth(strict=True)  # first: before transformers, peft, trl
+import_seconds = time.perf_counter() - t0
+
+import torch
+from llm_finetune.config import Config
+from llm_finetune.data import format_dataset, inference_prompt, load_raw
+from llm_finetune.errors import UserError
+from llm_finetune.train import train
+
+args = json.loads(sys.argv[1])
+out = Path(args["out"])
+config = Config.model_validate(args["config"])
+backend = backend_module.UnslothBackend()
+model, tokenizer = backend.load_for_training(config, args["base"])
+splits = format_dataset(load_raw(config.data), config.data, tokenizer)
+result = train(config, model, tokenizer, splits, out / "adapter", out / "checkpoints")
+prompt = inference_prompt("alpaca", "Write the number 47 in words.", tokenizer)
+
+
+def generate():
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    return ids[0, enc["input_ids"].shape[1]:].tolist()
+
+
+report = {"import_seconds": import_seconds, "train": result.as_dict()}
+report["generation_before_save"] = generate()
+t = time.perf_counter()
+report["merge"] = backend.save_merged(
+    model, tokenizer, args["base"], out / "adapter", out / "merged", config
+)
+report["merge_seconds"] = time.perf_counter() - t
+try:
+    backend.save_merged(model, tokenizer, args["base"], out / "adapter", out / "merged", config)
+    report["second_save"] = "overwrote"
+except UserError as exc:
+    report["second_save"] = str(exc)
+report["model_type_after_save"] = type(model).__name__
+report["generation_after_save"] = generate()
+t = time.perf_counter()
+report["push"] = backend_module.push_merged(
+    model, tokenizer, args["repo_id"], args["token"], private=False,
+    commit_message="llm-finetune test push", endpoint=args["endpoint"],
+    merge_dtype=config.merge.dtype,
+)
+report["push_seconds"] = time.perf_counter() - t
+card = out / "card.md"
+card.write_text("---\nlibrary_name: transformers\n---\n# our card\n")
+report["push_with_card"] = backend_module.push_merged(
+    model, tokenizer, args["repo_id"] + "-card", args["token"], endpoint=args["endpoint"],
+    merge_dtype=config.merge.dtype, readme=card,
+)
+# Unsloth's own choice, without the backend's dtype override.
+from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+
+report["cpu_bf16_native"] = cpu_bf16_supported()
+model.save_pretrained_merged(str(out / "merged-raw"), tokenizer, save_method="merged_16bit")
+raw = out / "merged-raw"
+report["raw_unsloth_dtype"] = json.loads((raw / "config.json").read_text())["dtype"]
+report["raw_padding_side"] = json.loads((raw / "tokenizer_config.json").read_text())["padding_side"]
+try:  # endpoint=None: huggingface_hub's endpoint as read at import (HF_ENDPOINT, a dead port)
+    backend_module.push_merged(model, tokenizer, args["repo_id"] + "-2", args["token"])
+    report["push_default_endpoint"] = "pushed"
+except UserError as exc:
+    report["push_default_endpoint"] = str(exc)
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_module_imports_nothing_heavy():
+    code = (
+        "import sys, llm_finetune.backends.unsloth as u; "
+        "heavy = ('torch', 'transformers', 'peft', 'trl', 'unsloth'); "
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_float32_merge_is_refused_before_training(tmp_path):
+    from llm_finetune.backends.unsloth import UnslothBackend
+
+    config = tiny_config(tmp_path, merge={"dtype": "float32"})
+    with pytest.raises(UserError, match="merged_16bit"):
+        UnslothBackend.check_config(config)
+    UnslothBackend.check_config(tiny_config(tmp_path))  # bfloat16: fine
+
+
+@pytest.fixture(scope="module")
+def unsloth_run(tiny_base, tmp_path_factory):
+    """Run the Unsloth child once; yield (report, config, base, out dir, hub server)."""
+    from llm_finetune.hub_server import HubServer, HubUser
+
+    tmp = tmp_path_factory.mktemp("unsloth")
+    config = tiny_config(
+        tmp,
+        training={
+            "learning_rate": 5e-3,
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 16,
+            "logging_steps": 3,
+        },
+    )
+    out = config.output_path
+    server = HubServer(tmp / "hub", users={GOOD_TOKEN: HubUser("alice")}).start()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",  # push_merged lifts it for a loopback endpoint only
+        "HF_ENDPOINT": DEAD_ENDPOINT,
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    env.pop("HF_HUB_DISABLE_XET", None)
+    args = {
+        "out": str(out),
+        "base": tiny_base,
+        "config": config.model_dump(mode="json"),
+        "repo_id": REPO_ID,
+        "token": GOOD_TOKEN,
+        "endpoint": server.url,
+    }
+    start = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        timeout=600,
+    )
+    lines = [line for line in child.stdout.splitlines() if line.startswith("REPORT ")]
+    assert child.returncode == 0 and lines, child.stderr[-4000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    report["child_seconds"] = time.perf_counter() - start
+    report["stdout"] = child.stdout
+    try:
+        yield report, config, tiny_base, out, server
+    finally:
+        server.stop()
+
+
+@needs_unsloth
+def test_unsloth_prints_the_cpu_fallback_and_trains(unsloth_run):
+    report, _, _, out, _ = unsloth_run
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "no GPU found, training on CPU" in report["stdout"]
+    train = report["train"]
+    assert train["steps"] == STEPS
+    assert train["train_loss_last"] < train["train_loss_first"] * 0.7, train["losses"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (out / "adapter").iterdir()
+    }
+
+
+@needs_unsloth
+def test_save_merged_writes_16bit_model_and_keeps_the_trained_model(unsloth_run):
+    report, _, _, out, _ = unsloth_run
+    import torch
+
+    facts = report["merge"]
+    cpu = not torch.cuda.is_available()
+    assert facts["code_path"] == ("unsloth_zoo.cpu.loader" if cpu else "unsloth.save")
+    assert facts["stored_dtypes"] == ["bfloat16"], facts
+    assert facts["from_original_16bit_base"] is True
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(facts["files"])
+    assert not any(".partial-" in p.name for p in out.iterdir())  # staging renamed into place
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    # Saved after for_inference (left padding), still written as trained; Unsloth alone: left.
+    tokenizer_config = json.loads((out / "merged" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["padding_side"] == "right"
+    assert report["raw_padding_side"] == "left"
+    # The in-memory model is still the trained PeftModel: generation is unchanged.
+    assert report["model_type_after_save"] == "PeftModelForCausalLM"
+    assert report["generation_after_save"] == report["generation_before_save"]
+    assert "already exists" in report["second_save"]
+
+
+@needs_unsloth
+def test_merged_equals_base_plus_adapter_under_plain_peft(unsloth_run):
+    _, _, base, out, _ = unsloth_run
+    from llm_finetune.verify import verify
+
+    report = verify(
+        base,
+        out / "adapter",
+        out / "merged",
+        ["Write the number 47 in words.", "Convert 21 to words."],
+        max_new_tokens=8,
+    )
+    assert report.passed and report.dtype == "bfloat16"
+    assert report.max_abs_logit_diff <= report.tolerance
+    assert report.adapter_effect_max_abs_logit_diff > 10 * report.tolerance
+
+
+@needs_unsloth
+def test_push_to_hub_merged_commits_model_then_tokenizer(unsloth_run):
+    report, _, _, _, server = unsloth_run
+    push = report["push"]
+    assert push["endpoint"] == server.url
+    titles = [c["title"] for c in push["commits"]]  # newest first
+    assert titles == ["llm-finetune test push", "llm-finetune test push", "initial commit"]
+    assert {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= set(push["files"])
+    # endpoint=None uses HF_ENDPOINT as huggingface_hub read it at import: the dead port.
+    assert DEAD_ENDPOINT in report["push_default_endpoint"]
+    assert not server.unknown_routes
+
+
+@needs_unsloth
+def test_pushed_model_loads_with_plain_transformers(unsloth_run, tmp_path):
+    report, _, _, out, server = unsloth_run
+    import torch
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.loadback import load_back
+    from llm_finetune.publish import hub_client_settings
+
+    with hub_client_settings(server.url):
+        folder = snapshot_download(REPO_ID, endpoint=server.url, cache_dir=tmp_path / "cache")
+        card = Path(
+            hf_hub_download(REPO_ID, "README.md", endpoint=server.url, cache_dir=tmp_path / "c")
+        ).read_text()
+    assert "automatically generated" in card  # transformers' generic card, not ours
+    pushed = AutoModelForCausalLM.from_pretrained(folder)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert pushed.dtype == merged.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.inference_mode():
+        assert torch.equal(pushed(ids).logits, merged(ids).logits)
+    # By repo id, in a fresh process with a fresh cache, as any user would.
+    loaded = load_back(REPO_ID, "main", server.url, "Write the number 47 in words.")
+    assert loaded["dtype"] == "torch.bfloat16" and isinstance(loaded["generation"], str)
+
+
+@needs_unsloth
+def test_push_merged_can_replace_the_generic_card(unsloth_run, tmp_path):
+    report, _, _, _, server = unsloth_run
+    from huggingface_hub import hf_hub_download
+
+    from llm_finetune.publish import hub_client_settings
+
+    push = report["push_with_card"]
+    assert [c["title"] for c in push["commits"]][:3] == [
+        "Model card",
+        "Upload merged_16bit model",
+        "Upload merged_16bit model",
+    ]
+    with hub_client_settings(server.url):
+        card = hf_hub_download(
+            REPO_ID + "-card", "README.md", endpoint=server.url, cache_dir=tmp_path
+        )
+    assert Path(card).read_text().endswith("# our card\n")
+
+
+@needs_unsloth
+def test_unsloth_alone_picks_the_16bit_dtype_from_the_cpu(unsloth_run):
+    report = unsloth_run[0]
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU fallback's choice only")
+    # Without the backend's override: bf16 only where the CPU computes bf16 natively.
+    expected = "bfloat16" if report["cpu_bf16_native"] else "float16"
+    assert report["raw_unsloth_dtype"] == expected
+
+
+@needs_unsloth
+@pytest.mark.slow
+def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
+    """`llm-finetune run ... backend=unsloth`: Unsloth's save_pretrained_merged and
+    push_to_hub_merged for real (CPU fallback), then our card and a hash check of every file."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_finetune.cli",
+            "run",
+            str(REPO_ROOT / "configs" / "tiny-demo.yaml"),
+            "backend=unsloth",
+            f"output_dir={out}",
+            "training.max_steps=40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["backend"]["name"] == "unsloth"
+    assert "CPU fallback" in summary["backend"]["reason"]
+    assert summary["merge"]["code_path"] == "unsloth_zoo.cpu.loader"
+    assert summary["merge"]["stored_dtypes"] == ["bfloat16"]
+    assert summary["verify"]["passed"]
+    pushed_titles = [c["title"] for c in summary["unsloth_push"]["commits"]]
+    assert sum("by Unsloth" in title for title in pushed_titles) >= 1
+    published = summary["published"]
+    assert "README.md" in published["files"] and not published["readme_kept"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["load_back"]["generation"].strip()
