@@ -29,8 +29,12 @@ class TrainResult:
     train_loss_last: float | None
     eval_loss: float | None
     train_samples: int
-    train_tokens: int
+    train_tokens: int  # tokens in the training set
     seconds: float
+    tokens_seen: int | None = None  # tokens processed by training (all epochs/steps)
+    train_runtime: float | None = None  # seconds inside the training loop, as the trainer reports
+    tokens_per_second: float | None = None
+    peak_gpu_memory_gb: float | None = None
     losses: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -170,9 +174,14 @@ def train(
 ) -> TrainResult | None:
     """Train (from `resume_from`, a trainer checkpoint, if given), save the adapter (+ tokenizer)
     atomically into `adapter_dir`, return the figures (None in processes other than the main)."""
+    import torch
+
     start = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, splits, checkpoints)
-    trainer.train(resume_from_checkpoint=resume_from)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     eval_loss = None
     if "test" in splits:
         eval_loss = _finite(trainer.evaluate().get("eval_loss"))
@@ -180,6 +189,9 @@ def train(
     if not is_main_process():
         return None
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    seen = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
+    runtime = (output.metrics or {}).get("train_runtime")
+    tokens_seen = int(seen[-1]) if seen else None
     train_set = trainer.train_dataset
     tokens = 0
     if "input_ids" in train_set.column_names:
@@ -193,5 +205,9 @@ def train(
         train_samples=len(train_set),
         train_tokens=tokens,
         seconds=round(time.perf_counter() - start, 3),
+        tokens_seen=tokens_seen,
+        train_runtime=runtime,
+        tokens_per_second=round(tokens_seen / runtime, 1) if tokens_seen and runtime else None,
+        peak_gpu_memory_gb=round(peak_gpu, 3) if peak_gpu is not None else None,
         losses=[round(float(x), 5) for x in losses],
     )

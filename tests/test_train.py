@@ -12,6 +12,8 @@ def test_sft_reduces_loss_and_saves_adapter(trained_adapter):
     assert result.steps == 40
     assert result.train_loss_first is not None and result.train_loss_last is not None
     assert result.train_loss_last < 0.5 * result.train_loss_first
+    assert result.tokens_seen > 40 * 16 * 20  # 40 steps of 16 rows of >20 tokens
+    assert result.tokens_per_second > 0 and result.peak_gpu_memory_gb is None  # no GPU here
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16

@@ -1,0 +1,187 @@
+"""GPU check: the unsloth and hf backends end to end on one GPU, side by side.
+
+    bash scripts/gpu_check.sh                 # on the GPU machine (installs carried wheels)
+    .venv/bin/python scripts/gpu_check.py --tiny   # a dry run of the same flow on the CPU
+
+Builds a ~0.5B Llama from a config with random weights (no download), writes a synthetic
+dataset of long Alpaca rows, then runs `llm-finetune run` once per backend, each in its own
+process (Unsloth must be imported first in its process): a few dozen SFT steps, the
+merged_16bit save (Unsloth's GPU path, unsloth/save.py, on the GPU), verification against
+base+adapter, publishing to a local Hub-compatible server and loading it back. Prints
+tokens/s of each backend and their ratio (goal: unsloth >= 1.8x hf), peak GPU memory,
+merge time and the verification figures; writes them to gpu-check.json in the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL = 1.8
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def build_base(folder: Path, tiny: bool) -> str:
+    """A bf16 Llama with random weights and the demo tokenizer (its vocabulary fits the data)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from llm_finetune.demo import build_tokenizer
+
+    if (folder / "config.json").is_file():
+        return str(folder)
+    tokenizer = build_tokenizer()
+    size = (
+        dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4)
+        if tiny
+        else dict(
+            hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12
+        )
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=max(1, size["num_attention_heads"] // 3),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **size,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"base: {params / 1e6:.0f} M parameters in {folder}", flush=True)
+    return str(folder)
+
+
+def write_dataset(path: Path, rows: int, words: int) -> str:
+    """Alpaca rows whose answers are `words` number words long: long sequences, as in SFT."""
+    with path.open("w") as f:
+        for i in range(rows):
+            answer = " ".join(ONES[(i * 7 + k * 3) % 10] for k in range(words))
+            f.write(json.dumps({"instruction": f"Count in words from seed {i}.", "output": answer}))
+            f.write("\n")
+    return str(path)
+
+
+def write_config(path: Path, base: str, data: str, args: argparse.Namespace) -> None:
+    config = {
+        "run_name": "gpu-check",
+        "overwrite": True,
+        "model": {"name": base, "max_seq_length": args.seq, "dtype": "auto"},
+        "lora": {"r": 16, "alpha": 32},
+        "data": {"datasets": [{"path": data}], "format": "alpaca"},
+        "training": {
+            "learning_rate": 2e-4,
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.batch,
+            "logging_steps": 5,
+            "save_steps": 10_000,
+            "gradient_checkpointing": True,
+        },
+        "merge": {"dtype": "bfloat16"},
+        "verify": {"prompts": ["Count in words from seed 3."], "max_new_tokens": 8},
+        "publish": {"enabled": True, "endpoint": "local", "repo_id": "check/gpu-check"},
+    }
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+
+
+def run_backend(backend: str, config: Path, work: Path) -> dict:
+    out = work / backend
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
+    start = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_finetune.cli",
+            "run",
+            str(config),
+            f"backend={backend}",
+            f"output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+    )
+    (work / f"{backend}.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        return {"backend": backend, "ok": False, "error": tail}
+    summary = json.loads((out / "run-summary.json").read_text())
+    train, verify = summary["train"], summary.get("verify", {})
+    return {
+        "backend": backend,
+        "ok": True,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "chosen": summary["backend"]["reason"],
+        "tokens_per_second": train.get("tokens_per_second"),
+        "tokens_seen": train.get("tokens_seen"),
+        "train_runtime": train.get("train_runtime"),
+        "peak_gpu_memory_gb": train.get("peak_gpu_memory_gb"),
+        "loss": [train.get("train_loss_first"), train.get("train_loss_last")],
+        "merge_seconds": summary["stages"].get("merge"),
+        "merge_code_path": summary["merge"].get("code_path", "llm-finetune streaming merge"),
+        "merged_from": summary["merge"].get("merged_from"),
+        "verify_max_abs_logit_diff": verify.get("max_abs_logit_diff"),
+        "verify_tolerance": verify.get("tolerance"),
+        "generations_agree": f"{verify.get('generations_agree')}/{verify.get('prompts')}",
+        "published_files": len(summary.get("published", {}).get("files", [])),
+        "load_back": summary.get("load_back", {}).get("generation"),
+        "stages": summary["stages"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a small CPU dry run of the flow")
+    parser.add_argument("--work", default="/tmp/llm-finetune-gpu-check")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--backends", default="unsloth,hf")
+    args = parser.parse_args()
+    args.steps = args.steps or (6 if args.tiny else 40)
+    args.batch = args.batch or (4 if args.tiny else 8)
+    args.seq = args.seq or (128 if args.tiny else 1024)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    base = build_base(work / ("base-tiny" if args.tiny else "base-0.5b"), args.tiny)
+    words = 20 if args.tiny else 300
+    data = write_dataset(work / "data.jsonl", rows=args.batch * args.steps, words=words)
+    config = work / "config.yaml"
+    write_config(config, base, data, args)
+    results = {}
+    for backend in args.backends.split(","):
+        print(f"==> {backend}", flush=True)
+        results[backend] = run_backend(backend, config, work)
+        print(json.dumps(results[backend], indent=2), flush=True)
+    speeds = [results.get(b, {}).get("tokens_per_second") for b in ("unsloth", "hf")]
+    if all(speeds):
+        ratio = speeds[0] / speeds[1]
+        verdict = "meets" if ratio >= GOAL else "MISSES"
+        print(f"\nunsloth/hf tokens per second: {ratio:.2f} (goal >= {GOAL}: {verdict})")
+        results["ratio_unsloth_over_hf"] = ratio
+    (work / "gpu-check.json").write_text(json.dumps(results, indent=2))
+    return 0 if all(r.get("ok") for r in results.values() if isinstance(r, dict)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
