@@ -280,17 +280,13 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             summary["backend"] = {"name": checks.backend, "reason": checks.backend_reason}
             summary["reused"] = checks.reuse.describe()
             backend, model, tokenizer = _train(config, checks, summary, clock)
-            if not is_main_process():  # its share of training is done; the main one goes on
-                summary["status"] = "trained"
-                return summary
-            if until == "train":
+            if until == "train" or not is_main_process():  # other processes: their share is done
                 summary["status"] = "trained"
                 return summary
             facts = _merge(config, checks, summary, clock, backend, model, tokenizer)
             if backend.name != "unsloth" or checks.publish is None:
-                del model  # the unsloth backend publishes from the model in memory
+                model = None  # freed before verification; the unsloth backend publishes from it
                 gc.collect()
-                model = None
             prompts = [
                 inference_prompt(config.data.format, p, tokenizer) for p in config.verify.prompts
             ]
@@ -300,10 +296,12 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                 _publish(config, checks, summary, clock, prompts[0], facts, model, tokenizer)
             summary["status"] = "succeeded"
             return summary
-    except (UserError, KeyboardInterrupt) as exc:
+    except BaseException as exc:
         summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         summary["failed_stage"] = clock.current
-        summary["error"] = str(exc)
+        summary["error"] = (
+            str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        )
         if isinstance(exc, KeyboardInterrupt) and (out / "adapter").is_dir():
             log(f"interrupted during {clock.current}; the adapter is kept in {out / 'adapter'}")
         raise
