@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune.config import DataConfig, DatasetSource
-from llm_finetune.errors import UserError
+from llm_finetune.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -122,7 +122,7 @@ def load_source(source: DatasetSource, index: int, data_format: str) -> Dataset:
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{where}: could not load the dataset: {reason}") from None
     renames = {theirs: ours for ours, theirs in source.columns.items() if theirs != ours}
     missing_mapped = [theirs for theirs in renames if theirs not in dataset.column_names]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.errors import UserError
+from llm_finetune.errors import UserError, first_line
 from llm_finetune.fsutil import atomic_dir
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -213,7 +213,7 @@ def resolve_base_folder(base: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(base, revision=revision, allow_patterns=BASE_FILES))
     except Exception as exc:  # the user needs the reason, in one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"base {base!r}: cannot download it: {reason}") from None
 
 

@@ -14,14 +14,14 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm_finetune.config import Config, config_to_dict
 from llm_finetune.data import format_dataset, inference_prompt
 from llm_finetune.distributed import is_main_process, world_size
-from llm_finetune.errors import UserError
+from llm_finetune.errors import UserError, first_line
 from llm_finetune.manifest import write_manifest
 from llm_finetune.resume import Reuse, merge_fingerprint, train_fingerprint
 
@@ -68,7 +68,6 @@ class Preflight:
     raw_data: Any
     reuse: Reuse
     publish: PublishTarget | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def resolve_base(config: Config) -> str:
@@ -90,7 +89,7 @@ def resolve_base(config: Config) -> str:
             name, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
         )
     except Exception as exc:  # gated, missing, offline: the user needs the reason in one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"model.name {name!r}: cannot load its config: {reason}") from None
     return name
 
@@ -172,8 +171,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     if not is_main_process():
         return report
     if until == "publish" and reuse.merged is None:
-        report.notes.append(check_disk(base, config.model.revision, out, config.merge.dtype))
-        log(f"    {report.notes[-1]}")
+        log(f"    {check_disk(base, config.model.revision, out, config.merge.dtype)}")
     if until == "publish" and config.publish.enabled:
         from llm_finetune.publish import preflight as publish_preflight
 

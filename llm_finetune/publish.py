@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from llm_finetune.errors import UserError
+from llm_finetune.errors import UserError, first_line
 from llm_finetune.manifest import MANIFEST, check_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def _explain_http_error(exc: Exception, endpoint: str, repo_id: str) -> UserErro
             f"{repo_id!r} or its revision was not found on {endpoint} (404): check publish.repo_id "
             "and publish.revision, and that the token can see the repo"
         )
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = first_line(exc)
     return UserError(f"the Hub at {endpoint} failed for {repo_id!r}: {reason}")
 
 
@@ -552,8 +552,7 @@ def _unwrap(exc: Exception) -> Exception:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    return first_line(exc)[:300]
 
 
 def _reason(exc: Exception) -> str:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_finetune.errors import UserError
+from llm_finetune.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from llm_finetune.config import Config
@@ -71,7 +70,7 @@ def import_unsloth(strict: bool = False) -> Any:
     try:
         import unsloth
     except Exception as exc:  # e.g. UNSLOTH_DISABLE_CPU_FALLBACK=1 without a GPU
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"backend unsloth: import unsloth failed: {reason}") from None
     return unsloth
 
@@ -98,12 +97,13 @@ def saver_module(model: Any) -> str:
 
 def _safetensors_dtypes(folder: Path) -> list[str]:
     """Tensor dtypes named in the safetensors headers (read without loading any tensor)."""
-    found: set[str] = set()
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        found.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
+    from llm_finetune.safetensors_stream import read_header
+
+    found = {
+        info.dtype
+        for path in folder.glob("*.safetensors")
+        for info in read_header(path).tensors.values()
+    }
     names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
     return sorted(names.get(d, d) for d in found)
 
