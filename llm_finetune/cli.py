@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from llm_finetune.distributed import OtherProcessFailed
 from llm_finetune.errors import EXIT_USER_ERROR, UserError
 
 
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OtherProcessFailed as exc:  # the main process has printed why
+        return exc.exit_code
     except KeyboardInterrupt:
         print(
             "interrupted: finished stages, the adapter (if trained) and trainer checkpoints are "

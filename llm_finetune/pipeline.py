@@ -20,8 +20,14 @@ from typing import Any
 
 from llm_finetune.config import Config, config_to_dict
 from llm_finetune.data import format_dataset, inference_prompt
-from llm_finetune.distributed import is_main_process, world_size
-from llm_finetune.errors import UserError, first_line
+from llm_finetune.distributed import (
+    OtherProcessFailed,
+    announce_outcome,
+    check_launch,
+    is_main_process,
+    wait_for_main,
+)
+from llm_finetune.errors import EXIT_USER_ERROR, UserError, first_line
 from llm_finetune.manifest import write_manifest
 from llm_finetune.resume import Reuse, merge_fingerprint, train_fingerprint
 
@@ -151,11 +157,12 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
 
         import_unsloth(strict=True)
         UnslothBackend.check_config(config)
-    if config.model.load_in_4bit:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UserError("model.load_in_4bit needs a CUDA GPU; set it to false on this machine")
+    cuda = torch.cuda.is_available()
+    launch = check_launch(cuda)
+    if config.model.load_in_4bit and not cuda:
+        raise UserError("model.load_in_4bit needs a CUDA GPU; set it to false on this machine")
     if "8bit" in config.training.optim and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             f"training.optim {config.training.optim!r} needs bitsandbytes, which is not installed: "
@@ -166,8 +173,8 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     base = resolve_base(config)
     log(f"    base model: {base}")
     report = Preflight(base, choice.name, choice.reason, raw, reuse)
-    if world_size() > 1:
-        log(f"    {world_size()} processes: training in all, merge/verify/publish in the main one")
+    if launch:
+        log(f"    {launch}")
     if not is_main_process():
         return report
     if until == "publish" and reuse.merged is None:
@@ -264,6 +271,7 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
     """Run the pipeline up to `until` ("train" or "publish"); return the run summary."""
     out = config.output_path
     clock = StageClock()
+    exit_code = 0  # what the CLI will exit with; the other processes exit with it too
     summary: dict[str, Any] = {
         "run_name": config.run_name,
         "status": "running",
@@ -278,8 +286,12 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             summary["backend"] = {"name": checks.backend, "reason": checks.backend_reason}
             summary["reused"] = checks.reuse.describe()
             backend, model, tokenizer = _train(config, checks, summary, clock)
-            if until == "train" or not is_main_process():  # other processes: their share is done
+            if until == "train":
                 summary["status"] = "trained"
+                return summary
+            if not is_main_process():  # its share is done: wait for the main one's outcome
+                _wait_for_main_process()
+                summary["status"] = "succeeded"
                 return summary
             facts = _merge(config, checks, summary, clock, backend, model, tokenizer)
             if backend.name != "unsloth" or checks.publish is None:
@@ -295,6 +307,8 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             summary["status"] = "succeeded"
             return summary
     except BaseException as exc:
+        exit_code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        exit_code = EXIT_USER_ERROR if isinstance(exc, UserError) else exit_code
         summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         summary["failed_stage"] = clock.current
         summary["error"] = (
@@ -306,9 +320,24 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
     finally:
         if is_main_process():
             write_summary(out, summary)  # also for a failed run: it says where and why
+            if until == "publish":
+                announce_outcome(exit_code)
         if summary["status"] in ("succeeded", "trained"):
             print_table(summary)
             log(f"summary: {out / SUMMARY_FILE}")
+
+
+def _wait_for_main_process() -> None:
+    """A process other than the main one, after training: free the model's memory, then wait
+    for the main process to merge, verify and publish, and share its outcome."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    exit_code = wait_for_main()
+    if exit_code:
+        raise OtherProcessFailed(exit_code)
 
 
 def _train(
@@ -319,7 +348,7 @@ def _train(
     from llm_finetune.backends import get_backend
     from llm_finetune.backends.hf import load_tokenizer
     from llm_finetune.resume import prepare_checkpoints
-    from llm_finetune.train import train
+    from llm_finetune.train import train, training_arguments
 
     out = config.output_path
     backend = get_backend(checks.backend)
@@ -328,6 +357,7 @@ def _train(
         model, tokenizer = None, load_tokenizer(str(out / "adapter"), config.model)
     else:
         with clock.stage("load_model", f"loading {config.model.name} with LoRA ({backend.name})"):
+            args = training_arguments(config, out / "checkpoints")
             model, tokenizer = backend.load_for_training(config, checks.base)
         with clock.stage("data", f"formatting {config.data.format} data"):
             splits = format_dataset(checks.raw_data, config.data, tokenizer)
@@ -337,11 +367,11 @@ def _train(
                 prepare_checkpoints(out / "checkpoints", config)
             trained = train(
                 config,
+                args,
                 model,
                 tokenizer,
                 splits,
                 out / "adapter",
-                out / "checkpoints",
                 resume_from=checks.reuse.checkpoint,
             )
         if trained is None:  # not the main process

@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_finetune.distributed import is_main_process
+from llm_finetune.distributed import (
+    check_trainer_engine,
+    is_main_process,
+    trainer_engine,
+    world_size,
+)
 from llm_finetune.fsutil import atomic_dir
 
 if TYPE_CHECKING:
@@ -35,6 +40,8 @@ class TrainResult:
     train_runtime: float | None = None  # seconds inside the training loop, as the trainer reports
     tokens_per_second: float | None = None
     peak_gpu_memory_gb: float | None = None
+    engine: str = "single"  # single, ddp, fsdp or deepspeed: what the trainer set up
+    processes: int = 1
     losses: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -60,18 +67,26 @@ def truncate_prompts(dataset: Dataset, tokenizer: Any, max_prompt_tokens: int) -
     return dataset.map(cut)
 
 
-def _precision_flags(model: Any) -> dict[str, bool]:
+def _precision_flags(dtype_name: str) -> dict[str, bool]:
     import torch
+
+    from llm_finetune.backends.hf import training_dtype
 
     if not torch.cuda.is_available():
         return {"use_cpu": True, "bf16": False, "fp16": False}
-    dtype = next(p.dtype for p in model.parameters())
+    dtype = training_dtype(dtype_name)
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def _common_args(config: Config, checkpoints: Path, model: Any) -> dict[str, Any]:
+def training_arguments(config: Config, checkpoints: Path) -> Any:
+    """trl's SFTConfig / DPOConfig for this run.
+
+    Built before the model is loaded, as trl's own scripts do: creating them starts the
+    process group and selects this process's GPU, which FSDP's CPU-efficient loading and
+    ZeRO-3's partitioned loading need at load time.
+    """
     t = config.training
-    return {
+    common: dict[str, Any] = {
         "output_dir": str(checkpoints),
         "learning_rate": t.learning_rate,
         "num_train_epochs": t.num_train_epochs,
@@ -94,25 +109,35 @@ def _common_args(config: Config, checkpoints: Path, model: Any) -> dict[str, Any
         "report_to": "none",
         "dataloader_pin_memory": False,
         "ddp_find_unused_parameters": False,  # LoRA: every adapter weight is used in forward
-        **_precision_flags(model),
+        **_precision_flags(config.model.dtype),
     }
+    if config.method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig(
+            **common,
+            beta=t.beta,
+            max_length=t.max_length or config.model.max_seq_length,
+        )
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common,
+        max_length=config.model.max_seq_length,
+        packing=t.packing,
+        dataset_text_field="text",
+    )
 
 
 def build_trainer(
-    config: Config, model: Any, tokenizer: Any, splits: DatasetDict, checkpoints: Path
+    config: Config, args: Any, model: Any, tokenizer: Any, splits: DatasetDict
 ) -> Any:
-    common = _common_args(config, checkpoints, model)
     if config.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
         train_set = splits["train"]
         if config.training.max_prompt_length:
             train_set = truncate_prompts(train_set, tokenizer, config.training.max_prompt_length)
-        args = DPOConfig(
-            **common,
-            beta=config.training.beta,
-            max_length=config.training.max_length or config.model.max_seq_length,
-        )
         return DPOTrainer(
             model=model,
             ref_model=None,  # with a peft model, the reference is the base with adapters off
@@ -121,14 +146,8 @@ def build_trainer(
             eval_dataset=splits.get("test"),
             processing_class=tokenizer,
         )
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    args = SFTConfig(
-        **common,
-        max_length=config.model.max_seq_length,
-        packing=config.training.packing,
-        dataset_text_field="text",
-    )
     return SFTTrainer(
         model=model,
         args=args,
@@ -165,19 +184,22 @@ def _finite(value: Any) -> float | None:
 
 def train(
     config: Config,
+    args: Any,
     model: Any,
     tokenizer: Any,
     splits: DatasetDict,
     adapter_dir: Path,
-    checkpoints: Path,
     resume_from: str | None = None,
 ) -> TrainResult | None:
-    """Train (from `resume_from`, a trainer checkpoint, if given), save the adapter (+ tokenizer)
-    atomically into `adapter_dir`, return the figures (None in processes other than the main)."""
+    """Train with `args` (from `training_arguments`), from `resume_from` (a trainer checkpoint)
+    if given; save the adapter (+ tokenizer) atomically into `adapter_dir`; return the figures
+    (None in processes other than the main)."""
     import torch
 
     start = time.perf_counter()
-    trainer = build_trainer(config, model, tokenizer, splits, checkpoints)
+    checkpoints = Path(args.output_dir)
+    trainer = build_trainer(config, args, model, tokenizer, splits)
+    check_trainer_engine(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -209,5 +231,7 @@ def train(
         train_runtime=runtime,
         tokens_per_second=round(tokens_seen / runtime, 1) if tokens_seen and runtime else None,
         peak_gpu_memory_gb=round(peak_gpu, 3) if peak_gpu is not None else None,
+        engine=trainer_engine(trainer),
+        processes=world_size(),
         losses=[round(float(x), 5) for x in losses],
     )

@@ -1,4 +1,5 @@
-"""Two processes with the gloo backend on the CPU: the same config, the same adapter."""
+"""Several processes: which engine a launch asks for, the refusals, where each process loads
+the base, the wait for the main process; and two real processes with gloo on the CPU."""
 
 from __future__ import annotations
 
@@ -7,15 +8,129 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from llm_finetune import distributed
+from llm_finetune.backends import choose_backend
+from llm_finetune.backends.hf import training_device_map
+from llm_finetune.errors import UserError
 from llm_finetune.safetensors_stream import read_header
-from tests.conftest import REPO_ROOT
+from tests.conftest import GOOD_TOKEN, REPO_ROOT
 
 DEMO = REPO_ROOT / "configs" / "tiny-demo.yaml"
 ARGS = ["training.max_steps=10", "publish.enabled=false"]
+LAUNCH_ENV = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "ACCELERATE_USE_FSDP",
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL",
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+)
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    """Set the environment `accelerate launch` gives a process: launch(world_size, **env)."""
+
+    def set_env(world_size: int = 8, **env: str) -> None:
+        for name in LAUNCH_ENV:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+FSDP = {"ACCELERATE_USE_FSDP": "true"}
+ZERO3 = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+}
+ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+
+
+def test_the_engine_comes_from_the_launch_environment(launch):
+    launch(1, **FSDP)  # one process: nothing to distribute
+    assert distributed.requested_engine() == "single"
+    assert distributed.check_launch(cuda=True) is None
+    launch(8)
+    assert distributed.requested_engine() == "ddp"
+    assert distributed.check_launch(cuda=False).startswith("8 processes (DDP)")
+    launch(8, **FSDP)
+    assert distributed.requested_engine() == "fsdp"
+    assert distributed.check_launch(cuda=True).startswith("8 processes (FSDP)")
+    launch(8, **ZERO3)
+    assert distributed.requested_engine() == "deepspeed"
+
+
+@pytest.mark.parametrize("env", [FSDP, ZERO3], ids=["fsdp", "zero3"])
+def test_sharding_engines_are_refused_without_cuda(launch, env):
+    """accelerate would run these configs as plain DDP on CPUs, without saying so."""
+    launch(2, **env)
+    with pytest.raises(UserError, match=r"needs CUDA GPUs.*configs/accelerate/ddp\.yaml"):
+        distributed.check_launch(cuda=False)
+
+
+def test_zero3_without_a_16bit_gather_on_save_is_refused(launch, tmp_path):
+    launch(8, **{**ZERO3, "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false"})
+    with pytest.raises(UserError, match="empty adapter.*zero3_save_16bit_model: true"):
+        distributed.check_launch(cuda=True)
+    # the same, from a DeepSpeed JSON file named in the accelerate config
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    launch(8, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ds_json))
+    with pytest.raises(UserError, match="empty adapter"):
+        distributed.check_launch(cuda=True)
+    zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    ds_json.write_text(json.dumps({"zero_optimization": zero}))
+    assert "DeepSpeed" in distributed.check_launch(cuda=True)
+
+
+def test_each_process_loads_the_base_onto_its_own_gpu(launch):
+    launch(1)
+    assert training_device_map(cuda=False) is None
+    assert training_device_map(cuda=True) == {"": 0}
+    launch(8, LOCAL_RANK="3")  # DDP: GPU 3 of this node, not cuda:0 for every process
+    assert training_device_map(cuda=True) == {"": 3}
+    launch(8, LOCAL_RANK="3", **ZERO2)  # ZeRO-2 keeps whole weights in every process
+    assert training_device_map(cuda=True) == {"": 3}
+    for env in (FSDP, ZERO3):  # these place and shard the weights themselves
+        launch(8, LOCAL_RANK="3", **env)
+        assert training_device_map(cuda=True) is None
+
+
+def test_unsloth_runs_across_processes_with_ddp_only(launch, monkeypatch):
+    monkeypatch.setattr("llm_finetune.backends._cuda_available", lambda: True)
+    launch(4)
+    assert choose_backend("unsloth").name == "unsloth"
+    assert choose_backend("hf").name == "hf"
+    for env, engine in ((FSDP, "fsdp"), (ZERO3, "deepspeed")):
+        launch(4, **env)
+        with pytest.raises(UserError, match=f"DDP only here, not {engine}.*ddp.yaml"):
+            choose_backend("unsloth")
+        auto = choose_backend("auto")
+        assert auto.name == "hf" and engine in auto.reason
+
+
+class _Trainer:
+    is_fsdp_enabled = False
+    is_deepspeed_enabled = False
+
+
+def test_a_trainer_that_fell_back_to_ddp_is_refused_before_training(launch):
+    launch(2)
+    distributed.check_trainer_engine(_Trainer())  # asked for DDP, got DDP
+    launch(2, **FSDP)
+    with pytest.raises(UserError, match="asked for fsdp but the trainer set up ddp"):
+        distributed.check_trainer_engine(_Trainer())
 
 
 def _free_port() -> int:
@@ -24,61 +139,106 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_other_processes_wait_for_the_main_ones_exit_code(launch, monkeypatch):
+    from torch.distributed import TCPStore
+
+    port = _free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    launch(2, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
+    codes: list[int] = []
+    waiting = threading.Thread(target=lambda: codes.append(distributed.wait_for_main(0.1)))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # nothing announced yet
+    distributed.announce_outcome(2, acknowledgement_s=10)  # returns once the other has read it
+    waiting.join(5)
+    assert codes == [2]
+    del store
+
+
+def test_a_main_process_that_vanished_counts_as_failed(launch):
+    from torch.distributed import TCPStore
+
+    port = _free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    launch(2, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    codes: list[int] = []
+    waiting = threading.Thread(target=lambda: codes.append(distributed.wait_for_main(0.1)))
+    waiting.start()
+    waiting.join(0.5)
+    del store  # the store lived in the main process
+    waiting.join(10)
+    assert codes == [1]
+
+
 def _adapter_layout(out: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     header = read_header(out / "adapter" / "adapter_model.safetensors")
     return {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
 
 
+def _torchrun(out: Path, *args: str, env: dict[str, str] | None = None):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(_free_port()), "-m", "llm_finetune.cli", "run", str(DEMO)]
+    return subprocess.run(
+        [*command, f"output_dir={out}", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_train_one_complete_adapter_and_merge_once(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "llm_finetune.cli",
-            "run",
-            str(DEMO),
-            f"output_dir={tmp_path / 'two'}",
-            *ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = _torchrun(tmp_path / "two", *ARGS)
+    assert two.returncode == 0, two.stderr[-3000:]  # the waiting process exited 0 too
     one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llm_finetune.cli",
-            "run",
-            str(DEMO),
-            f"output_dir={tmp_path / 'one'}",
-            *ARGS,
-        ],
+        [sys.executable, "-m", "llm_finetune.cli", "run", str(DEMO)]
+        + [f"output_dir={tmp_path / 'one'}", *ARGS],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert one.returncode == 0, one.stderr[-3000:]
 
     assert two.stdout.count("==> [preflight]") == 1  # logs come from the main process only
     assert two.stdout.count("==> [merge]") == 1
-    assert "2 processes: training in all" in two.stdout
+    assert "2 processes (DDP): training in all" in two.stdout
     layout = _adapter_layout(tmp_path / "two")
     assert layout == _adapter_layout(tmp_path / "one")
     assert len(layout) == 2 * 4 * 7  # lora_A and lora_B of 7 modules in 4 layers
     assert all(len(shape) == 2 and min(shape) > 0 for _, shape in layout.values())
     summary = json.loads((tmp_path / "two" / "run-summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["verify"]["passed"]
+    assert summary["train"]["engine"] == "ddp" and summary["train"]["processes"] == 2
     assert not (tmp_path / "two" / "checkpoints" / "final-adapter").exists()
+
+
+@pytest.mark.slow
+def test_unsloth_ddp_and_a_failed_publish_end_every_process_with_exit_code_2(tmp_path, hub):
+    """Unsloth's DDP on its CPU fallback; the main process merges through Unsloth, verifies,
+    then the Hub refuses the commit: every process exits 2, the adapter is kept."""
+    hub.inject("status", method="POST", path=r"/commit/main$", status=403, times=None)
+    run = _torchrun(
+        tmp_path / "out",
+        "backend=unsloth",
+        "training.max_steps=10",
+        "publish.enabled=true",
+        "publish.repo_id=alice/ddp-model",
+        f"publish.endpoint={hub.url}",
+        env={"HF_TOKEN": GOOD_TOKEN},
+    )
+    assert run.returncode != 0
+    assert "ChildFailedError" in run.stderr
+    failures = run.stderr.split("Root Cause")[0]  # torchrun lists each failed process
+    assert failures.count("exitcode  : 2") == 1 and "rank      : 1" in failures
+    assert "exitcode  : 2" in run.stderr.split("Root Cause")[1]  # the main process: 2 as well
+    assert run.stderr.count("error: ") == 1  # said once, by the main process
+    summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
+    assert summary["backend"]["name"] == "unsloth" and summary["train"]["engine"] == "ddp"
+    assert summary["verify"]["passed"] and summary["failed_stage"] == "unsloth_push"
+    assert len(_adapter_layout(tmp_path / "out")) == 2 * 4 * 7
+    assert GOOD_TOKEN not in run.stdout + run.stderr

@@ -33,7 +33,7 @@ def test_sft_reduces_loss_and_saves_adapter(trained_adapter):
 def test_dpo_trains_and_saves_adapter(tiny_base, tmp_path):
     from llm_finetune.backends.hf import HFBackend
     from llm_finetune.data import format_dataset, load_raw
-    from llm_finetune.train import train
+    from llm_finetune.train import train, training_arguments
 
     rows = [
         {"prompt": f"Write the number {n} in words.", "chosen": w, "rejected": "no"}
@@ -55,9 +55,10 @@ def test_dpo_trains_and_saves_adapter(tiny_base, tmp_path):
             "max_prompt_length": 64,
         },
     )
+    args = training_arguments(config, tmp_path / "ckpt")
     model, tokenizer = HFBackend().load_for_training(config, tiny_base)
     splits = format_dataset(load_raw(config.data), config.data, tokenizer)
-    result = train(config, model, tokenizer, splits, tmp_path / "adapter", tmp_path / "ckpt")
+    result = train(config, args, model, tokenizer, splits, tmp_path / "adapter")
     assert result.steps == 4
     assert len(result.losses) == 4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -76,3 +77,20 @@ def test_truncate_prompts_keeps_the_end(tiny_base):
     assert long_prompt.endswith(cut)
     assert len(tokenizer(cut, add_special_tokens=False).input_ids) <= 10
     assert cut.endswith("### Response:\n")
+
+
+def test_the_lora_init_follows_training_seed_not_the_processs_random_state(tiny_base, tmp_path):
+    """Every process of a multi-GPU run, and every re-run, starts from the same adapter
+    (Unsloth's random_state; the hf backend seeds it with training.seed)."""
+    import torch
+
+    from llm_finetune.backends.hf import HFBackend
+
+    def lora_a(seed: int, rng_state: int) -> torch.Tensor:
+        config = tiny_config(tmp_path, training={"seed": seed})
+        torch.manual_seed(rng_state)  # what other code drew before the model was loaded
+        model, _ = HFBackend().load_for_training(config, tiny_base)
+        return next(p for n, p in model.named_parameters() if "lora_A" in n).detach().clone()
+
+    assert torch.equal(lora_a(seed=3, rng_state=1), lora_a(seed=3, rng_state=2))
+    assert not torch.equal(lora_a(seed=3, rng_state=1), lora_a(seed=4, rng_state=1))

@@ -46,15 +46,16 @@ import torch
 from llm_finetune.config import Config
 from llm_finetune.data import format_dataset, inference_prompt, load_raw
 from llm_finetune.errors import UserError
-from llm_finetune.train import train
+from llm_finetune.train import train, training_arguments
 
 args = json.loads(sys.argv[1])
 out = Path(args["out"])
 config = Config.model_validate(args["config"])
 backend = backend_module.UnslothBackend()
+training_args = training_arguments(config, out / "checkpoints")
 model, tokenizer = backend.load_for_training(config, args["base"])
 splits = format_dataset(load_raw(config.data), config.data, tokenizer)
-result = train(config, model, tokenizer, splits, out / "adapter", out / "checkpoints")
+result = train(config, training_args, model, tokenizer, splits, out / "adapter")
 prompt = inference_prompt("alpaca", "Write the number 47 in words.", tokenizer)
 
 

@@ -53,18 +53,22 @@ def _cuda_available() -> bool:
 
 def choose_backend(requested: str) -> BackendChoice:
     """Resolve `backend: auto|hf|unsloth` to a backend that can run here, and say why."""
-    from llm_finetune.distributed import world_size
+    from llm_finetune.distributed import requested_engine
 
     unsloth_installed = importlib.util.find_spec("unsloth") is not None
     if requested == "hf":
         return BackendChoice("hf", "backend: hf was requested")
-    if world_size() > 1:
+    engine = requested_engine()
+    if engine in ("fsdp", "deepspeed"):
+        # Unsloth trains under both, but its merged save has no DeepSpeed gather, and under
+        # FSDP every process would have to make the save call: the hf backend does both.
         if requested == "unsloth":
             raise UserError(
-                f"backend: unsloth trains on one GPU; this run has {world_size()} processes: "
-                "use backend: hf (or auto) for DDP, FSDP or DeepSpeed"
+                f"backend: unsloth runs across processes with DDP only here, not {engine}: use "
+                "ACCELERATE_CONFIG=configs/accelerate/ddp.yaml, or backend: hf (or auto) for "
+                f"{engine}"
             )
-        return BackendChoice("hf", f"backend: auto picked hf: {world_size()} processes")
+        return BackendChoice("hf", f"backend: auto picked hf: {engine} runs on the hf backend")
     cuda = _cuda_available()
     if requested == "unsloth":
         if not unsloth_installed:

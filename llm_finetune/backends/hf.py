@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_finetune.distributed import local_rank, shards_weights
 from llm_finetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -51,13 +52,22 @@ def lora_config(config: Config) -> Any:
     )
 
 
+def training_device_map(cuda: bool) -> dict[str, int] | None:
+    """Where each process loads the base: its own GPU (LOCAL_RANK, not cuda:0 for all);
+    nowhere in particular under FSDP / ZeRO-3, which shard and place it themselves (ZeRO-3
+    refuses a device_map); the CPU without CUDA."""
+    if not cuda or shards_weights():
+        return None
+    return {"": local_rank()}
+
+
 class HFBackend:
     name = "hf"
 
     def load_for_training(self, config: Config, base_path: str) -> tuple[Any, Any]:
         import torch
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, set_seed
 
         tokenizer = load_tokenizer(base_path, config.model)
         dtype = training_dtype(config.model.dtype)
@@ -76,14 +86,21 @@ class HFBackend:
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,
+                # a float storage type lets FSDP / ZeRO-3 shard the 4-bit weights (peft's recipe)
+                bnb_4bit_quant_storage=dtype,
             )
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        device_map = training_device_map(torch.cuda.is_available())
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-        if config.model.load_in_4bit:
+        if config.model.load_in_4bit and not shards_weights():
+            # FSDP / ZeRO-3 need one dtype per shard: no fp32 upcast of the norms there
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=config.training.gradient_checkpointing
             )
+        # The LoRA init draws random numbers: seed it (Unsloth's random_state) so every process
+        # and every re-run starts from the same adapter.
+        set_seed(config.training.seed)
         try:
             model = get_peft_model(model, lora_config(config))
         except ValueError as exc:  # e.g. target modules not found in the model
