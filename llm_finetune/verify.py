@@ -46,10 +46,27 @@ def tolerance_for(dtype: str, logit_scale: float) -> float:
     return RELATIVE_TOLERANCE[dtype] * max(1.0, logit_scale)
 
 
-def _device() -> str:
+def _free_memory() -> None:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_float32(path: str | Path, **kwargs: Any) -> Any:
+    """A model in float32: on the CPU, or spread over every visible GPU and then CPU RAM.
+
+    Spreading it is what lets a model far bigger than one GPU verify in float32 on the node
+    that trained it (the other processes of a multi-GPU run have freed their GPUs by then).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if torch.cuda.is_available():
+        _free_memory()  # what training left in torch's cache counts as used when placing
+        kwargs["device_map"] = "auto"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
 
 
 def _stored_dtype(merged: Path) -> str:
@@ -88,15 +105,6 @@ def _run(model: Any, encoded: list[Any], max_new_tokens: int, pad_id: int | None
     return logits, generations
 
 
-def _release(model: Any) -> None:
-    import torch
-
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def verify(
     base: str,
     adapter: Path,
@@ -111,32 +119,27 @@ def verify(
         raise UserError("verify needs at least one prompt")
     if not (Path(merged) / "config.json").is_file():
         raise UserError(f"{str(merged)!r} is not a model folder (no config.json)")
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    device = _device()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     encoded = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
 
-    base_model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32, revision=revision, trust_remote_code=trust_remote_code
-    ).to(device)
+    base_model = _load_float32(base, revision=revision, trust_remote_code=trust_remote_code)
     reference = PeftModel.from_pretrained(base_model, str(adapter)).eval()
     ref_logits, ref_generations = _run(reference, encoded, max_new_tokens, pad_id)
     with reference.disable_adapter():
         base_logits, _ = _run(reference, encoded, 1, pad_id)
-    _release(reference)
+    del reference, base_model  # one model in memory at a time
+    _free_memory()
 
-    merged_model = AutoModelForCausalLM.from_pretrained(
-        merged, dtype=torch.float32, trust_remote_code=trust_remote_code
-    ).to(device)
-    merged_model.eval()
+    merged_model = _load_float32(merged, trust_remote_code=trust_remote_code)
     merged_logits, merged_generations = _run(merged_model, encoded, max_new_tokens, pad_id)
-    _release(merged_model)
+    del merged_model
+    _free_memory()
 
     diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, merged_logits, strict=True))
     effect = max(float((a - b).abs().max()) for a, b in zip(ref_logits, base_logits, strict=True))

@@ -98,6 +98,28 @@ def test_verify_passes_and_measures_adapter_effect(merged_bf16):
     assert report.eos_consistent
 
 
+def test_verify_holds_one_model_at_a_time(merged_bf16, monkeypatch):
+    """base+adapter is freed before the merged model loads: peak memory is one fp32 model."""
+    import weakref
+
+    from llm_finetune import verify as verify_module
+
+    base, adapter, out, _ = merged_bf16
+    load = verify_module._load_float32
+    loaded: list[weakref.ref] = []
+
+    def load_and_count(path, **kwargs):
+        alive = [ref for ref in loaded if ref() is not None]
+        assert not alive, "the previous model is still in memory"
+        model = load(path, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(verify_module, "_load_float32", load_and_count)
+    verify(base, adapter, out, PROMPTS, max_new_tokens=2)
+    assert len(loaded) == 2
+
+
 def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path):
     base, adapter, out, _ = merged_bf16
     broken = tmp_path / "broken"
