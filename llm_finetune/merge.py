@@ -518,6 +518,21 @@ def align_eos(
     return fixes
 
 
+def align_eos_in_folder(folder: Path, eos_id: int | None, pad_id: int | None) -> list[str]:
+    """`align_eos` on a model folder written by someone else (Unsloth's merged save)."""
+    config = json.loads((folder / "config.json").read_text())
+    generation_file = folder / "generation_config.json"
+    if generation_file.is_file():
+        generation = json.loads(generation_file.read_text())
+    else:
+        generation = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    fixes = align_eos(config, generation, eos_id, pad_id)
+    if fixes:
+        generation_file.write_text(json.dumps(generation, indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return fixes
+
+
 def _special_token_id(folder: Path, name: str) -> int | None:
     """The id of the tokenizer's `eos_token`/`pad_token`, read from its files."""
     token = None

@@ -185,3 +185,19 @@ def test_failed_merge_leaves_nothing_half_written(trained_adapter, tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         merge(base, adapter, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_written_elsewhere_gets_the_tokenizers_eos(tmp_path):
+    """Unsloth's merged folder: generation must stop on the EOS the model was trained with."""
+    from llm_finetune.merge import align_eos_in_folder
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 3}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    fixes = align_eos_in_folder(tmp_path, eos_id=2, pad_id=0)
+    assert fixes == [
+        "generation_config.eos_token_id += 2 (the tokenizer's EOS)",
+        "generation_config.pad_token_id = 0",
+    ]
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": [3, 2], "pad_token_id": 0}
+    assert align_eos_in_folder(tmp_path, eos_id=2, pad_id=0) == []  # nothing left to fix

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,13 @@ def unsloth_run(tiny_base, tmp_path_factory):
     from llm_finetune.hub_server import HubServer, HubUser
 
     tmp = tmp_path_factory.mktemp("unsloth")
+    # A base whose generation stops on another id than the tokenizer's EOS (like a Llama 3
+    # base with an instruct tokenizer): the merged folder must stop on both.
+    base = tmp / "base"
+    shutil.copytree(tiny_base, base)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**settings, "eos_token_id": 3}))
     config = tiny_config(
         tmp,
         training={
@@ -160,7 +168,7 @@ def unsloth_run(tiny_base, tmp_path_factory):
     env.pop("HF_HUB_DISABLE_XET", None)
     args = {
         "out": str(out),
-        "base": tiny_base,
+        "base": str(base),
         "config": config.model_dump(mode="json"),
         "repo_id": REPO_ID,
         "token": GOOD_TOKEN,
@@ -181,7 +189,7 @@ def unsloth_run(tiny_base, tmp_path_factory):
     report["child_seconds"] = time.perf_counter() - start
     report["stdout"] = child.stdout
     try:
-        yield report, config, tiny_base, out, server
+        yield report, config, str(base), out, server
     finally:
         server.stop()
 
@@ -223,6 +231,9 @@ def test_save_merged_writes_16bit_model_and_keeps_the_trained_model(unsloth_run)
     assert report["model_type_after_save"] == "PeftModelForCausalLM"
     assert report["generation_after_save"] == report["generation_before_save"]
     assert "already exists" in report["second_save"]
+    # Unsloth's CPU save already adds the tokenizer's EOS; the backend checks (eos_fixes).
+    generation = json.loads((out / "merged" / "generation_config.json").read_text())
+    assert sorted(generation["eos_token_id"]) == [2, 3] and facts["eos_fixes"] == []
 
 
 @needs_unsloth

@@ -213,6 +213,7 @@ class UnslothBackend:
     ) -> dict[str, Any]:
         """model.save_pretrained_merged(..., "merged_16bit") into a staging folder, renamed in."""
         from llm_finetune.fsutil import atomic_dir
+        from llm_finetune.merge import align_eos_in_folder
 
         self.check_config(config)
         saver = saver_module(model)
@@ -236,6 +237,7 @@ class UnslothBackend:
                 )
             if not (stage / "config.json").is_file():
                 raise UserError(f"unsloth wrote no config.json into {stage}: nothing was merged")
+            eos_fixes = align_eos_in_folder(stage, tokenizer.eos_token_id, tokenizer.pad_token_id)
         files = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*"))
         stored = _safetensors_dtypes(output_dir)
         quantized = bool(getattr(getattr(model, "config", None), "quantization_config", None))
@@ -263,6 +265,7 @@ class UnslothBackend:
             "from_original_16bit_base": (not on_cpu)
             or (not quantized and model_dtype in ("float32", "bfloat16")),
             "cpu_dtype_override": overridden,
+            "eos_fixes": eos_fixes,
         }
         if stored and stored != [config.merge.dtype]:
             facts["note"] = (
