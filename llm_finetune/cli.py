@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from llm_finetune.distributed import OtherProcessFailed
+from llm_finetune.distributed import OtherProcessFailed, is_main_process
 from llm_finetune.errors import EXIT_USER_ERROR, UserError
 
 
@@ -197,6 +197,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     # Telemetry pings are not ours to send; users can still opt in explicitly.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if not is_main_process():  # one log for a multi-process run: quiet the libraries here
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a scheduler's stop: same as Ctrl-C
     try:

@@ -178,8 +178,10 @@ def _adapter_layout(out: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _torchrun(out: Path, *args: str, env: dict[str, str] | None = None):
+    """Two processes; torchrun also keeps each one's stdout/stderr under out/../logs."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--log-dir", str(out.parent / "logs"), "--tee", "3"]
     command += ["--master_port", str(_free_port()), "-m", "llm_finetune.cli", "run", str(DEMO)]
     return subprocess.run(
         [*command, f"output_dir={out}", *args],
@@ -205,6 +207,8 @@ def test_two_processes_train_one_complete_adapter_and_merge_once(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
 
     assert two.stdout.count("==> [preflight]") == 1  # logs come from the main process only
+    other = [p for p in (tmp_path / "logs").rglob("*.log") if p.parent.name == "1"]
+    assert len(other) == 2 and all(p.read_text().strip() == "" for p in other)  # no bars
     assert two.stdout.count("==> [merge]") == 1
     assert "2 processes (DDP): training in all" in two.stdout
     layout = _adapter_layout(tmp_path / "two")
