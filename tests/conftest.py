@@ -7,6 +7,7 @@ the user's caches. Child processes inherit the same settings.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,9 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_ENDPOINT", None)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+needs_unsloth = pytest.mark.skipif(
+    importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed"
+)
 GOOD_TOKEN = "hf_test_good_token_0123456789abcdef"
 READ_TOKEN = "hf_test_read_only_0123456789abcdef"
 

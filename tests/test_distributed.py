@@ -18,7 +18,7 @@ from llm_finetune.backends import choose_backend
 from llm_finetune.backends.hf import training_device_map
 from llm_finetune.errors import UserError
 from llm_finetune.safetensors_stream import read_header
-from tests.conftest import GOOD_TOKEN, REPO_ROOT
+from tests.conftest import GOOD_TOKEN, REPO_ROOT, needs_unsloth
 
 DEMO = REPO_ROOT / "configs" / "tiny-demo.yaml"
 ARGS = ["training.max_steps=10", "publish.enabled=false"]
@@ -107,6 +107,7 @@ def test_each_process_loads_the_base_onto_its_own_gpu(launch):
         assert training_device_map(cuda=True) is None
 
 
+@needs_unsloth
 def test_unsloth_runs_across_processes_with_ddp_only(launch, monkeypatch):
     monkeypatch.setattr("llm_finetune.backends._cuda_available", lambda: True)
     launch(4)
@@ -118,6 +119,23 @@ def test_unsloth_runs_across_processes_with_ddp_only(launch, monkeypatch):
             choose_backend("unsloth")
         auto = choose_backend("auto")
         assert auto.name == "hf" and engine in auto.reason
+
+
+@needs_unsloth
+def test_an_unsloth_without_ddp_support_is_refused_for_several_processes(launch, monkeypatch):
+    from llm_finetune import backends
+
+    assert backends._unsloth_supports_ddp()  # the pinned release (2026.10) has it
+    monkeypatch.setattr(backends, "_cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "_unsloth_supports_ddp", lambda: False)
+    launch(2)
+    with pytest.raises(UserError, match="installed unsloth trains on one GPU only"):
+        choose_backend("unsloth")
+    assert (
+        choose_backend("auto").reason == "backend: auto picked hf: the installed unsloth has no DDP"
+    )
+    launch(1)
+    assert choose_backend("unsloth").name == "unsloth"  # one process: fine
 
 
 class _Trainer:
@@ -222,6 +240,7 @@ def test_two_processes_train_one_complete_adapter_and_merge_once(tmp_path):
 
 
 @pytest.mark.slow
+@needs_unsloth
 def test_unsloth_ddp_and_a_failed_publish_end_every_process_with_exit_code_2(tmp_path, hub):
     """Unsloth's DDP on its CPU fallback; the main process merges through Unsloth, verifies,
     then the Hub refuses the commit: every process exits 2, the adapter is kept."""

@@ -13,7 +13,6 @@ Without a GPU this exercises Unsloth's CPU fallback (unsloth_zoo/cpu/...); the G
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,10 +24,8 @@ from pathlib import Path
 import pytest
 
 from llm_finetune.errors import UserError
-from tests.conftest import GOOD_TOKEN, REPO_ROOT, tiny_config
+from tests.conftest import GOOD_TOKEN, REPO_ROOT, needs_unsloth, tiny_config
 
-HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
-needs_unsloth = pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed")
 REPO_ID = "alice/tiny-unsloth"
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens: a push that ignores `endpoint` fails here
 STEPS = 12

@@ -51,6 +51,14 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _unsloth_supports_ddp() -> bool:
+    """Unsloth trains under DDP since it ships `models/_ddp_defaults.py` (2026.10 does); older
+    releases refuse several GPUs. Looked up on disk: importing unsloth here would be too early."""
+    spec = importlib.util.find_spec("unsloth")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return any((Path(p) / "models" / "_ddp_defaults.py").is_file() for p in locations)
+
+
 def choose_backend(requested: str) -> BackendChoice:
     """Resolve `backend: auto|hf|unsloth` to a backend that can run here, and say why."""
     from llm_finetune.distributed import requested_engine
@@ -70,11 +78,17 @@ def choose_backend(requested: str) -> BackendChoice:
             )
         return BackendChoice("hf", f"backend: auto picked hf: {engine} runs on the hf backend")
     cuda = _cuda_available()
+    ddp_without_support = engine == "ddp" and unsloth_installed and not _unsloth_supports_ddp()
     if requested == "unsloth":
         if not unsloth_installed:
             raise UserError(
                 "backend: unsloth is not installed: on a GPU box pip install -e '.[gpu]'; on a "
                 "CPU machine scripts/install_unsloth_cpu.sh .venv (or use backend: hf or auto)"
+            )
+        if ddp_without_support:
+            raise UserError(
+                "backend: the installed unsloth trains on one GPU only: pip install -e '.[gpu]' "
+                "for a release with DDP, or use backend: hf (or auto) for several processes"
             )
         where = "on the CUDA GPU" if cuda else "on Unsloth's CPU fallback (no CUDA GPU found)"
         return BackendChoice("unsloth", f"backend: unsloth was requested; it runs {where}")
@@ -82,6 +96,8 @@ def choose_backend(requested: str) -> BackendChoice:
         return BackendChoice("hf", "backend: auto picked hf: no CUDA GPU found")
     if not unsloth_installed:
         return BackendChoice("hf", "backend: auto picked hf: unsloth is not installed")
+    if ddp_without_support:
+        return BackendChoice("hf", "backend: auto picked hf: the installed unsloth has no DDP")
     return BackendChoice("unsloth", "backend: auto picked unsloth: a CUDA GPU and unsloth")
 
 
