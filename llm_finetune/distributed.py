@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -145,11 +144,13 @@ def announce_outcome(exit_code: int, acknowledgement_s: float = 60.0) -> None:
 
     if world_size() <= 1 or not dist.is_initialized():  # nobody trained, nobody waits
         return
-    store = _rendezvous_store()
     key = _outcome_key()
-    store.set(key, str(exit_code))
-    others = [f"{key}/read/{rank}" for rank in range(1, world_size())]
-    with contextlib.suppress(DistError):  # a process that died already: the launcher says so
+    # A store or a process that is gone already: the launcher has stopped the others (and
+    # this runs while an exception of the run's own may be on its way out).
+    with contextlib.suppress(DistError):
+        store = _rendezvous_store()
+        store.set(key, str(exit_code))
+        others = [f"{key}/read/{rank}" for rank in range(1, world_size())]
         store.wait(others, timedelta(seconds=acknowledgement_s))
 
 
@@ -158,16 +159,19 @@ def wait_for_main(poll_s: float = 5.0) -> int:
 
     Polls in short waits so that SIGTERM from the launcher (when the main process dies) is
     handled promptly; a store that went away means the main process went with it."""
+    import torch.distributed as dist
     from torch.distributed import DistNetworkError, DistStoreError
 
+    if world_size() <= 1 or not dist.is_initialized():  # reused an adapter: nothing to wait for
+        return 0
     store = _rendezvous_store()
     key = _outcome_key()
     while True:
         try:
             store.wait([key], timedelta(seconds=poll_s))
             break
-        except DistStoreError:  # not yet
-            time.sleep(0)  # lets a pending signal handler run
+        except DistStoreError:  # not yet; a pending signal handler runs between the waits
+            continue
         except DistNetworkError:
             return 1
     code = int(store.get(key))

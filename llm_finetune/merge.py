@@ -521,16 +521,26 @@ def align_eos(
 def align_eos_in_folder(folder: Path, eos_id: int | None, pad_id: int | None) -> list[str]:
     """`align_eos` on a model folder written by someone else (Unsloth's merged save)."""
     config = json.loads((folder / "config.json").read_text())
-    generation_file = folder / "generation_config.json"
-    if generation_file.is_file():
-        generation = json.loads(generation_file.read_text())
-    else:
-        generation = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    generation = _read_generation(folder, config)
     fixes = align_eos(config, generation, eos_id, pad_id)
     if fixes:
-        generation_file.write_text(json.dumps(generation, indent=2) + "\n")
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_config_and_generation(folder, config, generation)
     return fixes
+
+
+def _read_generation(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The folder's generation_config.json, else the special token ids from its config."""
+    generation_file = folder / "generation_config.json"
+    if generation_file.is_file():
+        return json.loads(generation_file.read_text())
+    return {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def _write_config_and_generation(
+    folder: Path, config: dict[str, Any], generation: dict[str, Any]
+) -> None:
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _special_token_id(folder: Path, name: str) -> int | None:
@@ -558,11 +568,7 @@ def _write_tokenizer_and_generation(
     base_folder: Path, adapter: Path, staging: Path, config: dict[str, Any]
 ) -> list[str]:
     """Copy the tokenizer files as trained (the adapter's, else the base's), byte for byte."""
-    generation_file = base_folder / "generation_config.json"
-    if generation_file.is_file():
-        generation = json.loads(generation_file.read_text())
-    else:
-        generation = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    generation = _read_generation(base_folder, config)
     source = next(
         (f for f in (adapter, base_folder) if (f / "tokenizer_config.json").is_file()), None
     )
@@ -574,8 +580,7 @@ def _write_tokenizer_and_generation(
                 shutil.copy2(path, staging / path.name)
         eos_id = _special_token_id(source, "eos_token")
         fixes = align_eos(config, generation, eos_id, _special_token_id(source, "pad_token"))
-    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_config_and_generation(staging, config, generation)
     return fixes
 
 

@@ -173,14 +173,18 @@ def test_the_other_processes_wait_for_the_main_ones_exit_code(launch, monkeypatc
     waiting.join(5)
     assert codes == [2]
     del store
+    # A re-run that reused the adapter trains nowhere: no process group, nothing to wait for.
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
+    assert distributed.wait_for_main(0.1) == 0
 
 
-def test_a_main_process_that_vanished_counts_as_failed(launch):
+def test_a_main_process_that_vanished_counts_as_failed(launch, monkeypatch):
     from torch.distributed import TCPStore
 
     port = _free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     launch(2, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
     codes: list[int] = []
     waiting = threading.Thread(target=lambda: codes.append(distributed.wait_for_main(0.1)))
     waiting.start()
