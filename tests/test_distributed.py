@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -259,10 +260,13 @@ def test_unsloth_ddp_and_a_failed_publish_end_every_process_with_exit_code_2(tmp
         env={"HF_TOKEN": GOOD_TOKEN},
     )
     assert run.returncode != 0
-    assert "ChildFailedError" in run.stderr
-    failures = run.stderr.split("Root Cause")[0]  # torchrun lists each failed process
-    assert failures.count("exitcode  : 2") == 1 and "rank      : 1" in failures
-    assert "exitcode  : 2" in run.stderr.split("Root Cause")[1]  # the main process: 2 as well
+    # torchrun lists each failed process. The other one waited for the main one and exits
+    # with its code, unless torchrun, which stops the rest once one process has failed, is
+    # quicker (SIGTERM): either way it was still there (it used to exit 0 after training).
+    exit_codes = dict(
+        re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)", run.stderr)
+    )
+    assert exit_codes["0"] == "2" and exit_codes["1"] in ("2", "-15"), run.stderr[-5000:]
     assert run.stderr.count("error: ") == 1  # said once, by the main process
     summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
     assert summary["backend"]["name"] == "unsloth" and summary["train"]["engine"] == "ddp"
