@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from llm_finetune.distributed import OtherProcessFailed, is_main_process
+from llm_finetune.distributed import OtherProcessFailed, is_main_process, local_rank
 from llm_finetune.errors import EXIT_USER_ERROR, UserError
 
 
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if local_rank() == 0:  # one line per node, not one per process
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OtherProcessFailed as exc:  # the main process has printed why
         return exc.exit_code

@@ -273,3 +273,31 @@ def test_unsloth_ddp_and_a_failed_publish_end_every_process_with_exit_code_2(tmp
     assert summary["verify"]["passed"] and summary["failed_stage"] == "unsloth_push"
     assert len(_adapter_layout(tmp_path / "out")) == 2 * 4 * 7
     assert GOOD_TOKEN not in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_the_shipped_fsdp_config_is_refused_on_cpus_once_and_before_loading(tmp_path):
+    """The real `accelerate launch` of configs/accelerate/fsdp.yaml: its environment is what
+    the launch check reads; one error line, from the main process."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP runs on GPUs")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launch = [str(accelerate), "launch", "--config_file", "configs/accelerate/fsdp.yaml"]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    run = subprocess.run(
+        [*launch, "-m", "llm_finetune.cli", "run", str(DEMO), f"output_dir={tmp_path}", *ARGS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: FSDP needs CUDA GPUs, and accelerate would quietly run this config as plain DDP "
+        "on CPUs: use ACCELERATE_CONFIG=configs/accelerate/ddp.yaml here"
+    ]
+    assert "[load_model]" not in run.stdout
