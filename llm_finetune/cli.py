@@ -212,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     except OtherProcessFailed as exc:  # the main process has printed why
         return exc.exit_code
     except KeyboardInterrupt:
-        print(
-            "interrupted: finished stages, the adapter (if trained) and trainer checkpoints are "
-            "kept; run the same command again to resume",
-            file=sys.stderr,
-        )
+        if local_rank() == 0:
+            print(
+                "interrupted: finished stages, the adapter (if trained) and trainer checkpoints "
+                "are kept; run the same command again to resume",
+                file=sys.stderr,
+            )
         return 130
 
 
