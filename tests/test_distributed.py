@@ -158,40 +158,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_other_processes_wait_for_the_main_ones_exit_code(launch, monkeypatch):
+@pytest.fixture
+def waiting(launch, monkeypatch):
+    """Process 1 of 2 waiting in a thread for the main one; the store the launcher would host.
+    Yields (stores: the list holding it, the thread, the exit codes the thread got)."""
     from torch.distributed import TCPStore
 
     port = _free_port()
-    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    stores = [TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)]
     launch(2, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
     codes: list[int] = []
-    waiting = threading.Thread(target=lambda: codes.append(distributed.wait_for_main(0.1)))
-    waiting.start()
-    waiting.join(0.5)
-    assert waiting.is_alive()  # nothing announced yet
+    thread = threading.Thread(target=lambda: codes.append(distributed.wait_for_main(0.1)))
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive()  # nothing announced yet
+    yield stores, thread, codes
+    stores.clear()
+
+
+def test_the_other_processes_wait_for_the_main_ones_exit_code(waiting, monkeypatch):
+    _, thread, codes = waiting
     distributed.announce_outcome(2, acknowledgement_s=10)  # returns once the other has read it
-    waiting.join(5)
+    thread.join(5)
     assert codes == [2]
-    del store
     # A re-run that reused the adapter trains nowhere: no process group, nothing to wait for.
     monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
     assert distributed.wait_for_main(0.1) == 0
 
 
-def test_a_main_process_that_vanished_counts_as_failed(launch, monkeypatch):
-    from torch.distributed import TCPStore
-
-    port = _free_port()
-    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    launch(2, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
-    codes: list[int] = []
-    waiting = threading.Thread(target=lambda: codes.append(distributed.wait_for_main(0.1)))
-    waiting.start()
-    waiting.join(0.5)
-    del store  # the store lived in the main process
-    waiting.join(10)
+def test_a_main_process_that_vanished_counts_as_failed(waiting):
+    stores, thread, codes = waiting
+    stores.clear()  # the store lived in the main process
+    thread.join(10)
     assert codes == [1]
 
 
