@@ -100,30 +100,69 @@ def resolve_base(config: Config) -> str:
     return name
 
 
-def weights_size(base: str, revision: str | None) -> int | None:
-    """Bytes of the base's safetensors weights: on disk, or as the Hub lists them."""
+@dataclass(frozen=True)
+class BaseWeights:
+    size: int  # bytes of the safetensors files
+    parameters: int
+
+
+def base_weights(base: str, revision: str | None) -> BaseWeights | None:
+    """Size and parameter count of the base's safetensors weights: from the headers on disk,
+    or as the Hub lists them (None when unknown: offline, no access)."""
     local = Path(base)
     if local.is_dir():
-        return sum(p.stat().st_size for p in local.glob("*.safetensors"))
+        from math import prod
+
+        from llm_finetune.safetensors_stream import read_header
+
+        shards = sorted(local.glob("*.safetensors"))
+        tensors = [t for shard in shards for t in read_header(shard).tensors.values()]
+        return BaseWeights(
+            sum(p.stat().st_size for p in shards), sum(prod(t.shape) for t in tensors)
+        )
     try:
         from huggingface_hub import HfApi
 
         info = HfApi().model_info(base, revision=revision, files_metadata=True)
     except Exception:  # offline or no access: the merge checks again before writing
         return None
-    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+    size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+    parameters = info.safetensors.total if info.safetensors else size // 2  # 16-bit weights
+    return BaseWeights(size, parameters)
 
 
-def check_disk(base: str, revision: str | None, out: Path, merge_dtype: str) -> str:
+def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str) -> str:
     """The merged model needs about the base's 16-bit size again: check before training."""
     from llm_finetune.merge import check_free_disk
 
-    size = weights_size(base, revision)
-    if size is None:
+    if weights is None:
         return "disk: the base's size is unknown here; the merge checks again before writing"
-    needed = size * (2 if merge_dtype == "float32" else 1)
+    needed = weights.size * (2 if merge_dtype == "float32" else 1)
     check_free_disk(out, needed)
     return f"disk: the merged model needs about {needed / 1e9:.2f} GB; enough is free"
+
+
+def check_verify_memory(weights: BaseWeights | None, config: Config, backend: str) -> str:
+    """Verification runs the model in float32 over every GPU and then RAM: check before
+    training that they can hold it, rather than fail hours later."""
+    from llm_finetune.verify import available_memory, memory_needed
+
+    if weights is None:
+        return "memory: the base's size is unknown here; verification needs 4 bytes a parameter"
+    needed = memory_needed(weights.parameters)
+    if backend == "unsloth" and config.publish.enabled:  # it publishes from the trained model
+        needed += weights.parameters * (0.6 if config.model.load_in_4bit else 2)
+    gpu, ram = available_memory()
+    if ram is None:
+        return "memory: the free RAM is unknown here; verification needs 4 bytes a parameter"
+    have = f"{gpu / 1e9:.0f} GB of GPU memory and {ram / 1e9:.0f} GB of free RAM"
+    if needed > gpu + ram:
+        raise UserError(
+            f"verification needs about {needed / 1e9:.0f} GB to run the model in float32 "
+            f"({weights.parameters / 1e9:.1f} B parameters) and this machine has {have}: use a "
+            "bigger machine, or set verify.enabled: false and run llm-finetune verify elsewhere"
+        )
+    return f"memory: verification needs about {needed / 1e9:.2f} GB; this machine has {have}"
 
 
 def start_publish_target(config: Config, out: Path) -> PublishTarget:
@@ -178,7 +217,10 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     if not is_main_process():
         return report
     if until == "publish" and reuse.merged is None:
-        log(f"    {check_disk(base, config.model.revision, out, config.merge.dtype)}")
+        weights = base_weights(base, config.model.revision)
+        log(f"    {check_disk(weights, out, config.merge.dtype)}")
+        if config.verify.enabled:
+            log(f"    {check_verify_memory(weights, config, choice.name)}")
     if until == "publish" and config.publish.enabled:
         from llm_finetune.publish import preflight as publish_preflight
 

@@ -46,6 +46,30 @@ def tolerance_for(dtype: str, logit_scale: float) -> float:
     return RELATIVE_TOLERANCE[dtype] * max(1.0, logit_scale)
 
 
+def memory_needed(parameters: int) -> int:
+    """Bytes to verify a model: one float32 copy at a time (4 bytes a parameter), plus 10%
+    for the adapter, activations and the placement's headroom."""
+    return int(4 * parameters * 1.1)
+
+
+def available_memory() -> tuple[int, int | None]:
+    """(bytes of all visible GPUs, bytes of RAM available now or None where unknown): what
+    `device_map="auto"` can place a model on."""
+    import torch
+
+    gpu = sum(
+        torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
+    )
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return gpu, None
+    kib = next(
+        (line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None
+    )
+    return gpu, int(kib) * 1024 if kib else None
+
+
 def _free_memory() -> None:
     import torch
 

@@ -161,3 +161,48 @@ def test_too_little_disk_fails_in_preflight(tmp_path, monkeypatch):
     summary = json.loads((out / "run-summary.json").read_text())
     assert (summary["status"], summary["failed_stage"]) == ("failed", "preflight")
     assert not (out / "adapter").exists()
+
+
+def test_too_little_memory_to_verify_fails_in_preflight(tmp_path, monkeypatch):
+    """Verification runs the model in float32: a machine that cannot hold it is refused
+    before training, with the numbers, rather than hours later."""
+    from llm_finetune import verify
+    from llm_finetune.config import load_config
+    from llm_finetune.errors import UserError
+    from llm_finetune.pipeline import run
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(verify, "available_memory", lambda: (0, 1_000_000))
+    config = load_config(DEMO, [f"output_dir={out}", "publish.enabled=false"])
+    pattern = r"verification needs about 0 GB .* 0 GB of GPU memory and 0 GB of free RAM: .*"
+    with pytest.raises(UserError, match=pattern + "verify.enabled: false"):
+        run(config)
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert (summary["status"], summary["failed_stage"]) == ("failed", "preflight")
+    assert not (out / "adapter").exists()
+    # Without verification there is nothing to hold: the same machine may train and merge.
+    config = load_config(
+        DEMO, [f"output_dir={out}", "publish.enabled=false", "verify.enabled=false"]
+    )
+    monkeypatch.setattr("llm_finetune.pipeline._train", _stop_after_preflight)
+    with pytest.raises(_PreflightPassed):
+        run(config)
+
+
+class _PreflightPassed(Exception):
+    pass
+
+
+def _stop_after_preflight(*args, **kwargs):
+    raise _PreflightPassed
+
+
+def test_the_base_weights_are_counted_from_the_safetensors_headers(tiny_base):
+    from safetensors.torch import load_file
+
+    from llm_finetune.pipeline import base_weights
+
+    expected = sum(t.numel() for t in load_file(Path(tiny_base) / "model.safetensors").values())
+    weights = base_weights(tiny_base, None)
+    assert weights.parameters == expected
+    assert weights.size > 2 * weights.parameters  # bf16, plus the header
