@@ -12,5 +12,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 	export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-python3 -c 'import torch, transformers, trl, peft, datasets, unsloth; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__, "unsloth", unsloth.__version__)'
+# The wheels go in with --no-deps: show the versions whose pins nothing enforced (unsloth needs
+# peft >= 0.18, pydantic typing-extensions >= 4.16, datasets fsspec <= 2026.2.0).
+python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|datasets|unsloth|unsloth.zoo|bitsandbytes|accelerate|typing.extensions|fsspec|pydantic) '
+python3 -c 'import torch, transformers, trl, peft, datasets, unsloth; print("imports ok; cuda", torch.cuda.is_available())'
 python3 scripts/gpu_check.py --work "${OUT:-/tmp}/gpu-check" "$@"
