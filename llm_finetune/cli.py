@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from llm_finetune.distributed import OtherProcessFailed, is_main_process, local_rank
-from llm_finetune.errors import EXIT_USER_ERROR, UserError
+from llm_finetune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 "are kept; run the same command again to resume",
                 file=sys.stderr,
             )
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

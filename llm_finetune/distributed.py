@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.errors import UserError
+from llm_finetune.errors import EXIT_INTERRUPTED, UserError
 
 
 def world_size() -> int:
@@ -150,6 +150,8 @@ def announce_outcome(exit_code: int, acknowledgement_s: float = 60.0) -> None:
     with contextlib.suppress(DistError):
         store = _rendezvous_store()
         store.set(key, str(exit_code))
+        if exit_code == EXIT_INTERRUPTED:  # Ctrl-C / SIGTERM reached every process: none waits
+            return
         others = [f"{key}/read/{rank}" for rank in range(1, world_size())]
         store.wait(others, timedelta(seconds=acknowledgement_s))
 

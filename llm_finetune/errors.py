@@ -6,6 +6,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: finished stages are kept, a re-run resumes
 
 
 def first_line(exc: BaseException) -> str:
