@@ -111,6 +111,25 @@ def check_trainer_engine(trainer: Any) -> None:
         )
 
 
+def check_same_resume_point(checkpoint: str | None) -> None:
+    """Every process must resume from the same trainer checkpoint. Nodes that each keep their
+    own output_dir see different ones (or none), and would train out of step: refuse."""
+    import torch.distributed as dist
+
+    if world_size() <= 1 or not dist.is_initialized():
+        return
+    seen: list[str | None] = [None] * world_size()
+    dist.all_gather_object(seen, Path(checkpoint).name if checkpoint else None)
+    if len(set(seen)) > 1:
+        by_process = ", ".join(
+            f"process {rank}: {name or 'none'}" for rank, name in enumerate(seen)
+        )
+        raise UserError(
+            f"the processes would resume from different trainer checkpoints ({by_process}): "
+            "put output_dir on storage every node shares, or start over with overwrite: true"
+        )
+
+
 class OtherProcessFailed(Exception):
     """Raised in a non-main process when the main one failed after training."""
 

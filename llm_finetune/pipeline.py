@@ -24,6 +24,7 @@ from llm_finetune.distributed import (
     OtherProcessFailed,
     announce_outcome,
     check_launch,
+    check_same_resume_point,
     is_main_process,
     wait_for_main,
 )
@@ -399,7 +400,8 @@ def _train(
         model, tokenizer = None, load_tokenizer(str(out / "adapter"), config.model)
     else:
         with clock.stage("load_model", f"loading {config.model.name} with LoRA ({backend.name})"):
-            args = training_arguments(config, out / "checkpoints")
+            args = training_arguments(config, out / "checkpoints")  # starts the process group
+            check_same_resume_point(checks.reuse.checkpoint)
             model, tokenizer = backend.load_for_training(config, checks.base)
         with clock.stage("data", f"formatting {config.data.format} data"):
             splits = format_dataset(checks.raw_data, config.data, tokenizer)

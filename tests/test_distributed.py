@@ -139,6 +139,25 @@ def test_an_unsloth_without_ddp_support_is_refused_for_several_processes(launch,
     assert choose_backend("unsloth").name == "unsloth"  # one process: fine
 
 
+def test_processes_that_would_resume_from_different_checkpoints_are_refused(launch, monkeypatch):
+    """Nodes with their own output_dir: one sees checkpoint-200, another nothing."""
+    launch(3)
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
+
+    def gather(seen, mine, where=("checkpoint-200", "checkpoint-200", None)):
+        seen[:] = where
+
+    monkeypatch.setattr("torch.distributed.all_gather_object", gather)
+    message = r"different trainer checkpoints \(process 0: checkpoint-200, .* process 2: none\)"
+    with pytest.raises(UserError, match=message + ": put output_dir on storage every node"):
+        distributed.check_same_resume_point("/out/checkpoints/checkpoint-200")
+    monkeypatch.setattr(
+        "torch.distributed.all_gather_object",
+        lambda seen, mine: seen.__setitem__(slice(None), [mine] * 3),
+    )
+    distributed.check_same_resume_point("/out/checkpoints/checkpoint-200")  # all agree
+
+
 class _Trainer:
     is_fsdp_enabled = False
     is_deepspeed_enabled = False
