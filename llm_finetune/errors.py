@@ -13,3 +13,12 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type): enough for a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code the CLI ends with when a run raised `exc`."""
+    if isinstance(exc, UserError):
+        return EXIT_USER_ERROR
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return 1

@@ -28,7 +28,7 @@ from llm_finetune.distributed import (
     is_main_process,
     wait_for_main,
 )
-from llm_finetune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, first_line
+from llm_finetune.errors import UserError, exit_code_for, first_line
 from llm_finetune.manifest import write_manifest
 from llm_finetune.resume import Reuse, merge_fingerprint, train_fingerprint
 
@@ -350,8 +350,7 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             summary["status"] = "succeeded"
             return summary
     except BaseException as exc:
-        exit_code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
-        exit_code = EXIT_USER_ERROR if isinstance(exc, UserError) else exit_code
+        exit_code = exit_code_for(exc)
         summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         summary["failed_stage"] = clock.current
         summary["error"] = (
