@@ -15,7 +15,9 @@ NNODES ?= 1
 NODE_RANK ?= 0
 MAIN_PORT ?= 29500
 ACCELERATE_CONFIG ?= configs/accelerate/ddp.yaml
-ifeq ($(NPROC)$(NNODES),11)
+# One process without an ACCELERATE_CONFIG of the user's: no launcher. With one (FSDP or
+# DeepSpeed, e.g. to offload to the CPU), accelerate launch even for one process.
+ifeq ($(NPROC)$(NNODES)$(origin ACCELERATE_CONFIG),11file)
 RUN := $(CLI)
 else
 RUN := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \

@@ -37,14 +37,13 @@ def _flag(name: str) -> bool:
 
 
 def requested_engine() -> str:
-    """What `accelerate launch --config_file ...` asked for: fsdp, deepspeed, ddp or single."""
-    if world_size() <= 1:
-        return "single"
+    """What `accelerate launch --config_file ...` asked for: fsdp, deepspeed, ddp or single
+    (FSDP and DeepSpeed also run in one process, e.g. to offload to the CPU)."""
     if _flag("ACCELERATE_USE_FSDP"):
         return "fsdp"
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
-    return "ddp"
+    return "ddp" if world_size() > 1 else "single"
 
 
 def shards_weights() -> bool:
@@ -85,6 +84,8 @@ def check_launch(cuda: bool) -> str | None:
                 "stage3_gather_16bit_weights_on_model_save in the DeepSpeed JSON)"
             )
     names = {"fsdp": "FSDP", "deepspeed": "DeepSpeed", "ddp": "DDP"}
+    if world_size() == 1:
+        return f"1 process ({names[engine]})"
     return (
         f"{world_size()} processes ({names[engine]}): training in all, "
         "merge/verify/publish in the main one"

@@ -7,7 +7,8 @@ Builds a ~0.5B Llama from a config with random weights (no download), writes a s
 dataset of long Alpaca rows, then runs `llm-finetune run` once per backend, each in its own
 process (Unsloth must be imported first in its process): a few dozen SFT steps, the
 merged_16bit save (Unsloth's GPU path, unsloth/save.py, on the GPU), verification against
-base+adapter, publishing to a local Hub-compatible server and loading it back. Prints
+base+adapter, publishing to a local Hub-compatible server and loading it back; then the hf
+backend once more under FSDP (configs/accelerate/fsdp.yaml, one process). Prints
 tokens/s of each backend and their ratio (goal: unsloth >= 1.8x hf), peak GPU memory,
 merge time and the verification figures; writes them to gpu-check.json in the work folder.
 """
@@ -100,37 +101,41 @@ def write_config(path: Path, base: str, data: str, args: argparse.Namespace) -> 
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
 
-def run_backend(backend: str, config: Path, work: Path) -> dict:
-    out = work / backend
+def run_backend(name: str, config: Path, work: Path) -> dict:
+    """`llm-finetune run` with backend `name`; "hf-fsdp": the hf backend under
+    `accelerate launch` with configs/accelerate/fsdp.yaml in one process (FSDP's wrapping,
+    CPU-efficient loading and full-state-dict gather of the adapter, on the one GPU)."""
+    backend, _, engine = name.partition("-")
+    out = work / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
+    launcher = [sys.executable, "-m", "llm_finetune.cli"]
+    if engine:
+        accelerate_config = ROOT / "configs" / "accelerate" / f"{engine}.yaml"
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        launcher += [str(accelerate_config), "--num_processes", "1", "--main_process_port"]
+        launcher += ["29531", "-m", "llm_finetune.cli"]
     start = time.perf_counter()
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llm_finetune.cli",
-            "run",
-            str(config),
-            f"backend={backend}",
-            f"output_dir={out}",
-        ],
+        [*launcher, "run", str(config), f"backend={backend}", f"output_dir={out}"],
         capture_output=True,
         text=True,
         env=env,
         cwd=work,
     )
-    (work / f"{backend}.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    (work / f"{name}.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        return {"backend": backend, "ok": False, "error": tail}
+        lines = done.stderr.strip().splitlines()
+        said = [line for line in lines if line.startswith("error: ")]  # our one-line errors
+        return {"backend": name, "ok": False, "error": "\n".join(said or lines[-15:])}
     summary = json.loads((out / "run-summary.json").read_text())
     train, verify = summary["train"], summary.get("verify", {})
     return {
-        "backend": backend,
+        "backend": name,
         "ok": True,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "chosen": summary["backend"]["reason"],
+        "engine": train.get("engine"),
         "tokens_per_second": train.get("tokens_per_second"),
         "tokens_seen": train.get("tokens_seen"),
         "train_runtime": train.get("train_runtime"),
@@ -155,8 +160,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--backends", default="unsloth,hf")
+    parser.add_argument("--backends", default=None, help="default: unsloth,hf,hf-fsdp")
     args = parser.parse_args()
+    args.backends = args.backends or ("unsloth,hf" if args.tiny else "unsloth,hf,hf-fsdp")
     args.steps = args.steps or (6 if args.tiny else 40)
     args.batch = args.batch or (4 if args.tiny else 8)
     args.seq = args.seq or (128 if args.tiny else 1024)

@@ -59,9 +59,12 @@ ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": 
 
 
 def test_the_engine_comes_from_the_launch_environment(launch):
-    launch(1, **FSDP)  # one process: nothing to distribute
+    launch(1)
     assert distributed.requested_engine() == "single"
     assert distributed.check_launch(cuda=True) is None
+    launch(1, **FSDP)  # FSDP in one process (CPU offload, or the GPU check) is FSDP too
+    assert distributed.requested_engine() == "fsdp"
+    assert distributed.check_launch(cuda=True) == "1 process (FSDP)"
     launch(8)
     assert distributed.requested_engine() == "ddp"
     assert distributed.check_launch(cuda=False).startswith("8 processes (DDP)")
