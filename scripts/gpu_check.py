@@ -110,14 +110,16 @@ def run_backend(name: str, config: Path, work: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
     launcher = [sys.executable, "-m", "llm_finetune.cli"]
-    if engine:
+    overrides = [f"backend={backend}", f"output_dir={out}"]
+    if engine:  # a correctness check, not a speed one: a few steps are enough
+        overrides.append("training.max_steps=10")
         accelerate_config = ROOT / "configs" / "accelerate" / f"{engine}.yaml"
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         launcher += [str(accelerate_config), "--num_processes", "1", "--main_process_port"]
         launcher += ["29531", "-m", "llm_finetune.cli"]
     start = time.perf_counter()
     done = subprocess.run(
-        [*launcher, "run", str(config), f"backend={backend}", f"output_dir={out}"],
+        [*launcher, "run", str(config), *overrides],
         capture_output=True,
         text=True,
         env=env,
