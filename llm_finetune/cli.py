@@ -19,7 +19,12 @@ import signal
 import sys
 from pathlib import Path
 
-from llm_finetune.distributed import OtherProcessFailed, is_main_process, local_rank
+from llm_finetune.distributed import (
+    OtherProcessFailed,
+    exit_after_main,
+    is_main_process,
+    local_rank,
+)
 from llm_finetune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
@@ -208,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if local_rank() == 0:  # one line per node, not one per process
             print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exit_after_main(EXIT_USER_ERROR)
     except OtherProcessFailed as exc:  # the main process has printed why
-        return exc.exit_code
+        return exit_after_main(exc.exit_code)
     except KeyboardInterrupt:
         if local_rank() == 0:
             print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ def is_main_process() -> bool:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def on_main_node() -> bool:
+    """Whether this process shares its launcher (torchrun's agent) with the main process."""
+    return int(os.environ.get("GROUP_RANK", "0")) == 0
 
 
 def _flag(name: str) -> bool:
@@ -199,3 +205,20 @@ def wait_for_main(poll_s: float = 5.0) -> int:
     code = int(store.get(key))
     store.set(f"{key}/read/{int(os.environ.get('RANK', '0'))}", "1")
     return code
+
+
+def exit_after_main(exit_code: int, grace_s: float = 60.0) -> int:
+    """A failing process other than the main one: let the main process exit first, and return
+    `exit_code` for this one.
+
+    The launcher stops every process of a node (SIGTERM) as soon as one of them fails. Were a
+    quiet process to go first, the main one would be killed before it prints why or writes the
+    run summary, and the failure would be blamed on the wrong process. So it waits for that
+    SIGTERM, which comes once the main process has failed with the same error or outcome; after
+    `grace_s` (the processes disagree: the main one did not fail) it goes anyway. On other
+    nodes nothing races with the main process, and a lone process has nobody to wait for."""
+    if exit_code == 0 or is_main_process() or world_size() <= 1 or not on_main_node():
+        return exit_code
+    with contextlib.suppress(KeyboardInterrupt):  # the launcher's SIGTERM, as cli maps it
+        time.sleep(grace_s)
+    return exit_code

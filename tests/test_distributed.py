@@ -27,6 +27,7 @@ LAUNCH_ENV = (
     "WORLD_SIZE",
     "RANK",
     "LOCAL_RANK",
+    "GROUP_RANK",
     "ACCELERATE_USE_FSDP",
     "ACCELERATE_USE_DEEPSPEED",
     "ACCELERATE_DEEPSPEED_ZERO_STAGE",
@@ -216,17 +217,58 @@ def test_a_main_process_that_vanished_counts_as_failed(waiting):
     assert codes == [1]
 
 
+def test_a_failing_process_beside_the_main_one_exits_only_after_it(launch):
+    """The launcher's SIGTERM (sent once the main process has exited) ends the wait."""
+    import signal
+    import time
+
+    from llm_finetune.cli import _interrupt
+
+    launch(2, RANK="1", GROUP_RANK="0")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        started = time.monotonic()
+        assert distributed.exit_after_main(2, grace_s=30) == 2
+        assert 0.2 < time.monotonic() - started < 10
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    started = time.monotonic()  # no SIGTERM: the main process did not fail, go after the grace
+    assert distributed.exit_after_main(2, grace_s=0.2) == 2
+    assert time.monotonic() - started >= 0.2
+
+
+@pytest.mark.parametrize(
+    ("env", "exit_code"),
+    [
+        ({"RANK": "0"}, 2),  # the main process itself
+        ({"RANK": "5", "GROUP_RANK": "1"}, 2),  # another node: its own launcher
+        ({"RANK": "1", "GROUP_RANK": "0"}, 0),  # success stops nobody
+    ],
+)
+def test_who_exits_without_waiting(launch, env, exit_code):
+    launch(8, **env)
+    assert distributed.exit_after_main(exit_code, grace_s=600) == exit_code
+
+
 def _adapter_layout(out: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     header = read_header(out / "adapter" / "adapter_model.safetensors")
     return {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
 
 
-def _torchrun(out: Path, *args: str, env: dict[str, str] | None = None):
+def _torchrun(
+    out: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    program: tuple[str, ...] = ("-m", "llm_finetune.cli"),
+):
     """Two processes; torchrun also keeps each one's stdout/stderr under out/../logs."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     command += ["--log-dir", str(out.parent / "logs"), "--tee", "3"]
-    command += ["--master_port", str(_free_port()), "-m", "llm_finetune.cli", "run", str(DEMO)]
+    command += ["--master_port", str(_free_port()), *program, "run", str(DEMO)]
     return subprocess.run(
         [*command, f"output_dir={out}", *args],
         capture_output=True,
@@ -281,19 +323,48 @@ def test_unsloth_ddp_and_a_failed_publish_end_every_process_with_exit_code_2(tmp
         env={"HF_TOKEN": GOOD_TOKEN},
     )
     assert run.returncode != 0
-    # torchrun lists each failed process. The other one waited for the main one and exits
-    # with its code, unless torchrun, which stops the rest once one process has failed, is
-    # quicker (SIGTERM): either way it was still there (it used to exit 0 after training).
-    exit_codes = dict(
-        re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)", run.stderr)
-    )
-    assert exit_codes["0"] == "2" and exit_codes["1"] in ("2", "-15"), run.stderr[-5000:]
-    assert run.stderr.count("error: ") == 1  # said once, by the main process
+    # The other process waited for the main one's outcome and then for its exit (it used to
+    # exit 0 right after training, and later, exiting first, to get the main one killed).
+    exit_codes = _exit_codes(run)
+    assert exit_codes == {"0": "2", "1": "2"}, run.stderr[-5000:]
+    assert len(_error_lines(run)) == 1  # said once, by the main process
     summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
     assert summary["backend"]["name"] == "unsloth" and summary["train"]["engine"] == "ddp"
     assert summary["verify"]["passed"] and summary["failed_stage"] == "unsloth_push"
     assert len(_adapter_layout(tmp_path / "out")) == 2 * 4 * 7
     assert GOOD_TOKEN not in run.stdout + run.stderr
+
+
+def _exit_codes(run: subprocess.CompletedProcess) -> dict[str, str]:
+    """{rank: exit code} of each failed process, from torchrun's report."""
+    pattern = r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)"
+    return dict(re.findall(pattern, run.stderr))
+
+
+def _error_lines(run: subprocess.CompletedProcess) -> list[str]:
+    """Our one-line errors, less the `[default0]:` that torchrun's --tee puts before them."""
+    return re.findall(r"^(?:\[default\d+\]:)?(error: .*)$", run.stderr, flags=re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_the_main_process_reports_an_error_all_processes_meet_though_it_meets_it_last(tmp_path):
+    """Every process refuses the config; the main one is 3 s slower to get there. The other
+    one must not exit first: torchrun would kill the main one before it says why."""
+    late_main = tmp_path / "late_main.py"
+    late_main.write_text(
+        "import os, sys, time\n"
+        "from llm_finetune.cli import main\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    time.sleep(3)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = _torchrun(tmp_path / "out", "model.load_in_4bit=true", program=(str(late_main),))
+    assert _error_lines(run) == [
+        "error: model.load_in_4bit needs a CUDA GPU; set it to false on this machine"
+    ]
+    assert _exit_codes(run) == {"0": "2", "1": "2"}, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
+    assert summary["failed_stage"] == "preflight"
 
 
 @pytest.mark.slow
@@ -316,9 +387,9 @@ def test_the_shipped_fsdp_config_is_refused_on_cpus_once_and_before_loading(tmp_
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [
+    assert _error_lines(run) == [
         "error: FSDP needs CUDA GPUs, and accelerate would quietly run this config as plain DDP "
         "on CPUs: use ACCELERATE_CONFIG=configs/accelerate/ddp.yaml here"
     ]
     assert "[load_model]" not in run.stdout
+    assert _exit_codes(run) == {"0": "2", "1": "2"}, run.stderr[-3000:]
