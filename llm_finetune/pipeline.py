@@ -523,6 +523,7 @@ def _push_with_unsloth(
             target.token,
             private=config.publish.private,
             commit_message=f"{message}: merged_16bit ({config.merge.dtype}) by Unsloth",
+            revision=config.publish.revision,
             endpoint=target.endpoint,
             merge_dtype=config.merge.dtype,
         )

@@ -274,6 +274,7 @@ def _torchrun(
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=out.parent,  # Unsloth writes its unsloth_compiled_cache/ into the working directory
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 

@@ -94,6 +94,27 @@ report["push_with_card"] = backend_module.push_merged(
     model, tokenizer, args["repo_id"] + "-card", args["token"], endpoint=args["endpoint"],
     merge_dtype=config.merge.dtype, readme=card,
 )
+report["push_to_branch"] = backend_module.push_merged(
+    model, tokenizer, args["repo_id"] + "-branch", args["token"], endpoint=args["endpoint"],
+    commit_message="to a branch", merge_dtype=config.merge.dtype, revision="dev",
+)
+# The GPU push's hook, driven as unsloth_zoo's prepare_saving and upload_items drive it.
+import unsloth_zoo.saving_utils as zoo
+
+from llm_finetune.publish import hub_client_settings
+
+original = zoo.create_huggingface_repo
+with hub_client_settings(args["endpoint"]), backend_module._unsloth_gpu_push_to(
+    args["endpoint"], args["token"], "dev", "our message"
+):
+    _, repo, api = zoo.create_huggingface_repo(
+        model=model, repo_id=args["repo_id"] + "-gpu", private=False, token=None
+    )
+    unsloths = {"repo_id": repo, "repo_type": "model", "commit_message": "(Trained with Unsloth)"}
+    api.upload_folder(folder_path=str(out / "adapter"), **unsloths)
+    api.upload_file(path_or_fileobj=str(card), path_in_repo="config.json", **unsloths)
+looked_up = "create_huggingface_repo" in zoo.prepare_saving.__code__.co_names
+report["gpu_hook"] = {"restored": zoo.create_huggingface_repo is original, "looked_up": looked_up}
 # Unsloth's own choice, without the backend's dtype override.
 from unsloth_zoo.cpu.runtime import cpu_bf16_supported
 
@@ -316,6 +337,57 @@ def test_push_merged_can_replace_the_generic_card(unsloth_run, tmp_path):
             REPO_ID + "-card", "README.md", endpoint=server.url, cache_dir=tmp_path
         )
     assert Path(card).read_text().endswith("# our card\n")
+
+
+def _branch(server, repo_id: str, revision: str) -> tuple[list[str], list[str]]:
+    """(commit titles, files) of a branch on the test server."""
+    from huggingface_hub import HfApi
+
+    from llm_finetune.publish import hub_client_settings
+
+    api = HfApi(endpoint=server.url, token=GOOD_TOKEN)
+    with hub_client_settings(server.url):
+        titles = [c.title for c in api.list_repo_commits(repo_id, revision=revision)]
+        return titles, sorted(api.list_repo_files(repo_id, revision=revision))
+
+
+@needs_unsloth
+def test_push_merged_commits_to_the_configured_branch_only(unsloth_run):
+    report, _, _, _, server = unsloth_run
+    titles, files = _branch(server, REPO_ID + "-branch", "dev")
+    assert titles[0] == "to a branch" and "model.safetensors" in files
+    assert report["push_to_branch"]["files"] == files
+    assert "model.safetensors" not in _branch(server, REPO_ID + "-branch", "main")[1]
+
+
+@needs_unsloth
+def test_unsloths_gpu_push_gets_our_repo_endpoint_branch_and_message(unsloth_run):
+    """Unsloth's GPU push would make the repo with its own card, validated at huggingface.co
+    whatever the endpoint, and upload to main as "(Trained with Unsloth)". Its hook, driven as
+    unsloth_zoo drives it (the upload itself needs a GPU), must give our HfApi instead."""
+    report, _, _, _, server = unsloth_run
+    assert report["gpu_hook"] == {"restored": True, "looked_up": True}
+    titles, files = _branch(server, REPO_ID + "-gpu", "dev")
+    assert titles[:2] == ["our message", "our message"]
+    assert "config.json" in files and "adapter_model.safetensors" in files
+    assert "Unsloth Model Card" not in titles  # no card from Unsloth: ours follows
+    assert _branch(server, REPO_ID + "-gpu", "main")[1] == [".gitattributes"]
+
+
+def test_unsloths_staging_folder_in_the_working_directory_is_removed(tmp_path, monkeypatch):
+    from llm_finetune.backends.unsloth import _no_staging_left_behind
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError), _no_staging_left_behind("alice/model"):
+        (tmp_path / "alice" / "model").mkdir(parents=True)
+        (tmp_path / "alice" / "model" / "model.safetensors").write_text("partial")
+        raise RuntimeError("upload failed")
+    assert not (tmp_path / "alice").exists()
+    (tmp_path / "alice" / "notes.txt").parent.mkdir()
+    (tmp_path / "alice" / "notes.txt").write_text("the user's")
+    with _no_staging_left_behind("alice/model"):
+        (tmp_path / "alice" / "model").mkdir()
+    assert [p.name for p in (tmp_path / "alice").iterdir()] == ["notes.txt"]
 
 
 @needs_unsloth

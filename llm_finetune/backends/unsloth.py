@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -302,6 +303,69 @@ def _hub_constants_for(endpoint: str) -> contextlib.AbstractContextManager[None]
     return swap()
 
 
+@contextlib.contextmanager
+def _unsloth_gpu_push_to(
+    endpoint: str, token: str, revision: str, commit_message: str
+) -> Iterator[None]:
+    """Make Unsloth's GPU push commit to `endpoint`, on `revision`, under `commit_message`.
+
+    Its `prepare_saving` makes the repo with `unsloth_zoo.saving_utils.create_huggingface_repo`
+    (looked up at call time), which pushes a generic card through `ModelCard.push_to_hub`: that
+    validates the card at https://huggingface.co whatever the endpoint, and uploads it through
+    huggingface_hub's HfApi made at import, so a push anywhere else fails (no network) or goes
+    astray. The HfApi it returns then uploads every file to main as "(Trained with Unsloth)".
+    The repo exists already (the publish preflight made it) and our card follows, so Unsloth
+    gets an HfApi of ours instead. The CPU fallback does not call it: a no-op there.
+    """
+    try:
+        import unsloth_zoo.saving_utils as zoo
+    except ImportError:
+        yield
+        return
+    from huggingface_hub import HfApi
+
+    pinned = {"revision": revision, "commit_message": commit_message}
+
+    class PinnedApi(HfApi):
+        """Every upload goes to our revision, under our commit message."""
+
+        def upload_file(self, **kwargs: Any) -> Any:
+            return super().upload_file(**{**kwargs, **pinned})
+
+        def upload_folder(self, **kwargs: Any) -> Any:
+            return super().upload_folder(**{**kwargs, **pinned})
+
+    api = PinnedApi(endpoint=endpoint, token=token, library_name="llm-finetune")
+
+    def create_repo(model: Any, repo_id: str, private: bool = False, token: Any = None):
+        """Unsloth's signature; no card, and our token rather than whatever it found."""
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return repo_id.split("/")[0], repo_id, api
+
+    original = zoo.create_huggingface_repo
+    zoo.create_huggingface_repo = create_repo
+    try:
+        yield
+    finally:
+        zoo.create_huggingface_repo = original
+
+
+@contextlib.contextmanager
+def _no_staging_left_behind(repo_id: str) -> Iterator[None]:
+    """Unsloth's GPU push stages files in ./<repo_id> under the working directory and removes
+    only that folder when it succeeds, leaving ./<owner> (and after a failure, the shards)
+    behind: remove the first of the two that did not exist before."""
+    owner, staging = Path(repo_id.split("/")[0]), Path(repo_id)
+    created = next((path for path in (owner, staging) if not path.exists()), None)
+    try:
+        yield
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+
+
 def push_merged(
     model: Any,
     tokenizer: Any,
@@ -310,22 +374,29 @@ def push_merged(
     private: bool = False,
     commit_message: str | None = None,
     *,
+    revision: str = "main",
     endpoint: str | None = None,
     merge_dtype: str = "bfloat16",
     readme: Path | None = None,
 ) -> dict[str, Any]:
     """`model.push_to_hub_merged(repo_id, tokenizer, save_method="merged_16bit", ...)`.
 
-    `endpoint`: the Hub to push to; None means huggingface_hub's (HF_ENDPOINT as read at import).
-    `readme`: a model card uploaded afterwards over the generic card transformers pushes.
-    Returns the repo's files and commits after the push (read back from the endpoint).
+    `revision`: the branch to commit to (made if missing). `endpoint`: the Hub to push to; None
+    means huggingface_hub's (HF_ENDPOINT as read at import). `readme`: a model card uploaded
+    afterwards over the generic card transformers pushes. Returns the branch's files and
+    commits after the push (read back from the endpoint).
     """
     if not token:
         raise UserError("no Hub token found: export HF_TOKEN=<token> or run `hf auth login`")
     import_unsloth()
     from huggingface_hub import HfApi, constants
 
-    from llm_finetune.publish import _explain_http_error, hub_client_settings
+    from llm_finetune.publish import (
+        RetryPolicy,
+        _explain_http_error,
+        client_timeout,
+        hub_client_settings,
+    )
 
     target = (endpoint or constants.ENDPOINT).rstrip("/")
     redirect = (
@@ -335,8 +406,15 @@ def push_merged(
     )
     from huggingface_hub.errors import HfHubHTTPError
 
+    message = commit_message or "Upload merged_16bit model"
     api = HfApi(endpoint=target, token=token, library_name="llm-finetune")
-    with hub_client_settings(target), redirect:
+    with (
+        hub_client_settings(target),
+        redirect,
+        client_timeout(RetryPolicy().timeout),
+        _unsloth_gpu_push_to(target, token, revision, message),
+        _no_staging_left_behind(repo_id),
+    ):
         try:
             with _cpu_merge_dtype(model, merge_dtype), _right_padding(tokenizer):
                 model.push_to_hub_merged(
@@ -345,16 +423,18 @@ def push_merged(
                     save_method="merged_16bit",
                     token=token,
                     private=private,
-                    commit_message=commit_message or "Upload merged_16bit model",
+                    commit_message=message,
+                    revision=revision,
                 )
             if readme is not None:
                 api.upload_file(
                     path_or_fileobj=str(readme),
                     path_in_repo="README.md",
                     repo_id=repo_id,
+                    revision=revision,
                     commit_message="Model card",
                 )
-            commits = api.list_repo_commits(repo_id)
+            commits = api.list_repo_commits(repo_id, revision=revision)
             files = sorted(api.list_repo_files(repo_id, revision=commits[0].commit_id))
         except HfHubHTTPError as exc:
             raise _explain_http_error(exc, target, repo_id) from None
