@@ -150,6 +150,10 @@ def run_backend(name: str, config: Path, work: Path) -> dict:
         "verify_tolerance": verify.get("tolerance"),
         "generations_agree": f"{verify.get('generations_agree')}/{verify.get('prompts')}",
         "published_files": len(summary.get("published", {}).get("files", [])),
+        # Unsloth's own push (unsloth backend): its commits, newest first, under our message.
+        "unsloth_push_commits": [
+            c["title"] for c in summary.get("unsloth_push", {}).get("commits", [])
+        ],
         "load_back": summary.get("load_back", {}).get("generation"),
         "stages": summary["stages"],
     }

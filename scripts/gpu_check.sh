@@ -16,4 +16,13 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # peft >= 0.18, pydantic typing-extensions >= 4.16, datasets fsspec <= 2026.2.0).
 python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|datasets|unsloth|unsloth.zoo|bitsandbytes|accelerate|typing.extensions|fsspec|pydantic) '
 python3 -c 'import torch, transformers, trl, peft, datasets, unsloth; print("imports ok; cuda", torch.cuda.is_available())'
-python3 scripts/gpu_check.py --work "${OUT:-/tmp}/gpu-check" "$@"
+# Triton (Unsloth's kernels) builds its launchers with the host C compiler.
+echo "C compiler: $(command -v gcc || command -v cc || command -v clang || echo NONE)"
+# The work folder holds models (GBs); only the report and the logs come back through $OUT
+# (the device tool returns at most 8 files of 16 MiB).
+status=0
+python3 scripts/gpu_check.py --work /tmp/gpu-check "$@" || status=$?
+if [ -n "${OUT:-}" ]; then
+	cp /tmp/gpu-check/gpu-check.json /tmp/gpu-check/*.log "$OUT"/ 2>/dev/null || true
+fi
+exit "$status"
