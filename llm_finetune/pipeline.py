@@ -471,12 +471,17 @@ def _verify(
     prompts: list[str],
     facts: dict[str, Any],
 ) -> None:
-    from llm_finetune.verify import verify
+    from llm_finetune.verify import verify, verify_in_fresh_process
 
     out = config.output_path
     if "verify" not in facts:
+        # Unsloth, imported into this process, patches transformers and peft (on GPUs): the
+        # check is made with the stock libraries a user loads the model with.
+        check = verify_in_fresh_process if checks.backend == "unsloth" else verify
         with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
-            report = verify(
+            if check is verify_in_fresh_process:
+                log("    in a fresh process: stock transformers and peft, not Unsloth's patches")
+            report = check(
                 checks.base,
                 out / "adapter",
                 out / "merged",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,51 @@ def verify(
             "(llm-finetune merge) from the original 16-bit base"
         )
     return report
+
+
+def verify_in_fresh_process(
+    base: str,
+    adapter: Path,
+    merged: Path,
+    prompts: list[str],
+    max_new_tokens: int = 16,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> VerifyReport:
+    """`verify` in a child process: stock transformers and peft, as a user loads the model.
+
+    For a process that imported Unsloth, which on GPUs patches transformers' Llama classes
+    and peft's forward for every model loaded after it, not only its own.
+    """
+    _free_memory()  # the child places its models on what this process leaves free
+    request = [base, str(adapter), str(merged), prompts, max_new_tokens, revision]
+    child = subprocess.run(
+        [sys.executable, "-m", "llm_finetune.verify", json.dumps([*request, trust_remote_code])],
+        capture_output=True,
+        text=True,
+    )
+    lines = child.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if child.returncode in (0, 2) and lines else None
+    if answer is None:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the verification process failed ({child.returncode}): {last}")
+    if "error" in answer:
+        failure = VerificationFailed if answer["failed"] else UserError
+        raise failure(answer["error"])
+    return VerifyReport(**answer)
+
+
+def _main(request: str) -> int:
+    """The child of `verify_in_fresh_process`: one JSON line on stdout, the report or the error."""
+    base, adapter, merged, prompts, max_new_tokens, revision, trust = json.loads(request)
+    try:
+        report = verify(base, Path(adapter), Path(merged), prompts, max_new_tokens, revision, trust)
+    except UserError as exc:
+        print(json.dumps({"error": str(exc), "failed": isinstance(exc, VerificationFailed)}))
+        return 2
+    print(json.dumps(report.as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))

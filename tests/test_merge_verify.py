@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_finetune.errors import UserError
 from llm_finetune.merge import merge
-from llm_finetune.verify import VerificationFailed, verify
+from llm_finetune.verify import VerificationFailed, verify, verify_in_fresh_process
 
 PROMPTS = ["Write the number 47 in words.", "Convert 21 to words."]
 
@@ -120,7 +120,8 @@ def test_verify_holds_one_model_at_a_time(merged_bf16, monkeypatch):
     assert len(loaded) == 2
 
 
-def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path):
+@pytest.mark.parametrize("check", [verify, verify_in_fresh_process])
+def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path, check):
     base, adapter, out, _ = merged_bf16
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -129,7 +130,18 @@ def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path):
     weights[key] = (weights[key].float() + 0.5).to(torch.bfloat16)
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(VerificationFailed, match="differs from base\\+adapter"):
-        verify(base, adapter, broken, PROMPTS, max_new_tokens=2)
+        check(base, adapter, broken, PROMPTS, max_new_tokens=2)
+
+
+def test_verify_in_a_fresh_process_reports_the_same(merged_bf16, tmp_path):
+    """What the pipeline runs for the unsloth backend, whose process Unsloth has patched."""
+    base, adapter, out, _ = merged_bf16
+    here = verify(base, adapter, out, PROMPTS, max_new_tokens=4)
+    assert verify_in_fresh_process(base, adapter, out, PROMPTS, max_new_tokens=4) == here
+    with pytest.raises(UserError, match="not a model folder"):  # a refusal, not a crash
+        verify_in_fresh_process(base, adapter, tmp_path, PROMPTS)
+    with pytest.raises(RuntimeError, match="verification process failed"):
+        verify_in_fresh_process(base, tmp_path / "no-adapter", out, PROMPTS)
 
 
 def test_untrained_adapter_shows_no_effect(tiny_base, tmp_path):

@@ -422,6 +422,7 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=tmp_path,  # Unsloth writes its unsloth_compiled_cache/ into the working directory
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -431,6 +432,7 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert summary["merge"]["code_path"] == "unsloth_zoo.cpu.loader"
     assert summary["merge"]["stored_dtypes"] == ["bfloat16"]
     assert summary["verify"]["passed"]
+    assert "in a fresh process: stock transformers and peft" in done.stdout
     pushed_titles = [c["title"] for c in summary["unsloth_push"]["commits"]]
     assert sum("by Unsloth" in title for title in pushed_titles) >= 1
     published = summary["published"]
