@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -101,7 +103,7 @@ def write_config(path: Path, base: str, data: str, args: argparse.Namespace) -> 
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
 
-def run_backend(name: str, config: Path, work: Path) -> dict:
+def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
     """`llm-finetune run` with backend `name`; "hf-fsdp": the hf backend under
     `accelerate launch` with configs/accelerate/fsdp.yaml in one process (FSDP's wrapping,
     CPU-efficient loading and full-state-dict gather of the adapter, on the one GPU)."""
@@ -118,16 +120,24 @@ def run_backend(name: str, config: Path, work: Path) -> dict:
         launcher += [str(accelerate_config), "--num_processes", "1", "--main_process_port"]
         launcher += ["29531", "-m", "llm_finetune.cli"]
     start = time.perf_counter()
-    done = subprocess.run(
+    with subprocess.Popen(
         [*launcher, "run", str(config), *overrides],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         cwd=work,
-    )
-    (work / f"{name}.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+        start_new_session=True,  # its own process group: a stop reaches accelerate's workers
+    ) as done:
+        try:  # a hang must not eat the other backends' share of the lease
+            stdout, stderr = done.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(done.pid, signal.SIGKILL)
+            stdout, stderr = done.communicate()
+            stderr += f"\nerror: timed out after {timeout_s:.0f} s"
+    (work / f"{name}.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
+        lines = stderr.strip().splitlines()
         said = [line for line in lines if line.startswith("error: ")]  # our one-line errors
         return {"backend": name, "ok": False, "error": "\n".join(said or lines[-15:])}
     summary = json.loads((out / "run-summary.json").read_text())
@@ -167,6 +177,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--backends", default=None, help="default: unsloth,hf,hf-fsdp")
+    parser.add_argument(
+        "--timeout", type=float, default=200, help="seconds per backend before it is stopped"
+    )
+    parser.add_argument(
+        "--report-to", default=os.environ.get("OUT"), help="also copy the report and logs here"
+    )
     args = parser.parse_args()
     args.backends = args.backends or ("unsloth,hf" if args.tiny else "unsloth,hf,hf-fsdp")
     args.steps = args.steps or (6 if args.tiny else 40)
@@ -183,16 +199,28 @@ def main() -> int:
     results = {}
     for backend in args.backends.split(","):
         print(f"==> {backend}", flush=True)
-        results[backend] = run_backend(backend, config, work)
+        results[backend] = run_backend(backend, config, work, args.timeout)
         print(json.dumps(results[backend], indent=2), flush=True)
+        report(results, work, backend, args.report_to)  # after each: a lease may end early
     speeds = [results.get(b, {}).get("tokens_per_second") for b in ("unsloth", "hf")]
     if all(speeds):
         ratio = speeds[0] / speeds[1]
         verdict = "meets" if ratio >= GOAL else "MISSES"
         print(f"\nunsloth/hf tokens per second: {ratio:.2f} (goal >= {GOAL}: {verdict})")
         results["ratio_unsloth_over_hf"] = ratio
-    (work / "gpu-check.json").write_text(json.dumps(results, indent=2))
+        report(results, work, None, args.report_to)
     return 0 if all(r.get("ok") for r in results.values() if isinstance(r, dict)) else 1
+
+
+def report(results: dict, work: Path, backend: str | None, report_to: str | None) -> None:
+    """gpu-check.json in the work folder; with the backend's log, also in `report_to` (the
+    device tool's $OUT, which returns a few small files, not the models)."""
+    (work / "gpu-check.json").write_text(json.dumps(results, indent=2))
+    if report_to:
+        names = ["gpu-check.json"] + ([f"{backend}.log"] if backend else [])
+        for name in names:
+            if (work / name).is_file():
+                shutil.copy(work / name, Path(report_to) / name)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,6 @@ python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|datase
 python3 -c 'import torch, transformers, trl, peft, datasets, unsloth; print("imports ok; cuda", torch.cuda.is_available())'
 # Triton (Unsloth's kernels) builds its launchers with the host C compiler.
 echo "C compiler: $(command -v gcc || command -v cc || command -v clang || echo NONE)"
-# The work folder holds models (GBs); only the report and the logs come back through $OUT
+# The work folder holds models (GBs); the report and the logs go to $OUT after each backend
 # (the device tool returns at most 8 files of 16 MiB).
-status=0
-python3 scripts/gpu_check.py --work /tmp/gpu-check "$@" || status=$?
-if [ -n "${OUT:-}" ]; then
-	cp /tmp/gpu-check/gpu-check.json /tmp/gpu-check/*.log "$OUT"/ 2>/dev/null || true
-fi
-exit "$status"
+python3 scripts/gpu_check.py --work /tmp/gpu-check "$@"
