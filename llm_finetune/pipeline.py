@@ -477,9 +477,10 @@ def _verify(
     if "verify" not in facts:
         # Unsloth, imported into this process, patches transformers and peft (on GPUs): the
         # check is made with the stock libraries a user loads the model with.
-        check = verify_in_fresh_process if checks.backend == "unsloth" else verify
+        fresh = checks.backend == "unsloth"
+        check = verify_in_fresh_process if fresh else verify
         with clock.stage("verify", "merged model vs base+adapter on fixed prompts"):
-            if check is verify_in_fresh_process:
+            if fresh:
                 log("    in a fresh process: stock transformers and peft, not Unsloth's patches")
             report = check(
                 checks.base,

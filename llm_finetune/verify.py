@@ -209,9 +209,17 @@ def verify_in_fresh_process(
     and peft's forward for every model loaded after it, not only its own.
     """
     _free_memory()  # the child places its models on what this process leaves free
-    request = [base, str(adapter), str(merged), prompts, max_new_tokens, revision]
+    request = [
+        base,
+        str(adapter),
+        str(merged),
+        prompts,
+        max_new_tokens,
+        revision,
+        trust_remote_code,
+    ]
     child = subprocess.run(
-        [sys.executable, "-m", "llm_finetune.verify", json.dumps([*request, trust_remote_code])],
+        [sys.executable, "-m", "llm_finetune.verify", json.dumps(request)],
         capture_output=True,
         text=True,
     )
