@@ -421,6 +421,8 @@ def _train(
             return backend, None, None
         result = trained.as_dict()
         write_manifest(out / "adapter", "adapter", train_fingerprint(config), train=result)
+        if backend.name == "unsloth":
+            _sample(config, summary, clock, backend, model, tokenizer)
     summary["train"] = result
     summary["train_loss_first"] = result["train_loss_first"]
     summary["train_loss_last"] = result["train_loss_last"]
@@ -430,6 +432,28 @@ def _train(
         f"(loss {result['train_loss_first']:.4g} -> {result['train_loss_last']:.4g})"
     )
     return backend, model, tokenizer
+
+
+def _sample(
+    config: Config, summary: dict[str, Any], clock: StageClock, backend: Any, model, tokenizer
+) -> None:
+    """The trained model answers the first verify prompt (the handbook's look after training).
+    A look, not a gate: the adapter is saved, and verification judges the merged model."""
+    prompt = config.verify.prompts[0]
+    with clock.stage("sample", "FastLanguageModel.for_inference, one generation"):
+        try:
+            text = backend.sample(
+                model,
+                tokenizer,
+                inference_prompt(config.data.format, prompt, tokenizer),
+                config.verify.max_new_tokens,
+            )
+        except Exception as exc:
+            summary["sample_after_training"] = {"prompt": prompt, "error": first_line(exc)}
+            log(f"    warning: the sample generation failed: {first_line(exc)}")
+            return
+    summary["sample_after_training"] = {"prompt": prompt, "generation": text}
+    log(f"    {prompt!r} -> {text!r}")
 
 
 def _merge(

@@ -164,6 +164,7 @@ def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
         "unsloth_push_commits": [
             c["title"] for c in summary.get("unsloth_push", {}).get("commits", [])
         ],
+        "sample_after_training": summary.get("sample_after_training"),  # unsloth backend
         "load_back": summary.get("load_back", {}).get("generation"),
         "stages": summary["stages"],
     }

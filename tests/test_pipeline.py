@@ -206,3 +206,22 @@ def test_the_base_weights_are_counted_from_the_safetensors_headers(tiny_base):
     weights = base_weights(tiny_base, None)
     assert weights.parameters == expected
     assert weights.size > 2 * weights.parameters  # bf16, plus the header
+
+
+def test_a_failed_sample_after_training_is_a_warning_not_a_lost_run(tmp_path):
+    """The look at the trained model must not stop a run whose adapter is saved: verification
+    judges the merged model."""
+    from types import SimpleNamespace
+
+    from llm_finetune import pipeline
+    from tests.conftest import tiny_config
+
+    def sample(*args):
+        raise RuntimeError("CUDA error: device-side assert triggered\nmore")
+
+    summary: dict = {}
+    clock = pipeline.StageClock()
+    backend = SimpleNamespace(sample=sample)
+    pipeline._sample(tiny_config(tmp_path), summary, clock, backend, None, None)
+    assert summary["sample_after_training"]["error"] == "CUDA error: device-side assert triggered"
+    assert "sample" in clock.seconds

@@ -433,6 +433,10 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert summary["merge"]["stored_dtypes"] == ["bfloat16"]
     assert summary["verify"]["passed"]
     assert "in a fresh process: stock transformers and peft" in done.stdout
+    # for_inference and a generation after training, then the save from the same model.
+    sample = summary["sample_after_training"]
+    assert sample["prompt"] == "Write the number 47 in words." and sample["generation"].strip()
+    assert "sample" in summary["stages"]
     pushed_titles = [c["title"] for c in summary["unsloth_push"]["commits"]]
     assert sum("by Unsloth" in title for title in pushed_titles) >= 1
     published = summary["published"]

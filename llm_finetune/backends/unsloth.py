@@ -203,6 +203,23 @@ class UnslothBackend:
             raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
         return model, tokenizer
 
+    @staticmethod
+    def sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+        """The handbook's look after training: `FastLanguageModel.for_inference(model)`, then
+        one greedy generation from the model in memory (before any merge)."""
+        import torch
+
+        import_unsloth().FastLanguageModel.for_inference(model)
+        inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
     def save_merged(
         self,
         model: Any,
