@@ -443,3 +443,52 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert "README.md" in published["files"] and not published["readme_kept"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert summary["load_back"]["generation"].strip()
+
+
+def test_dpo_gets_unsloths_patch_where_it_is_exported():
+    from types import SimpleNamespace
+
+    from llm_finetune.backends.unsloth import patch_dpo_trainer
+
+    calls = []
+    assert patch_dpo_trainer(SimpleNamespace(PatchDPOTrainer=lambda: calls.append(1)))
+    assert calls == [1]
+    assert not patch_dpo_trainer(SimpleNamespace())  # the CPU fallback exports none
+
+
+@needs_unsloth
+@pytest.mark.slow
+def test_dpo_trains_on_the_unsloth_backend(tiny_base, tmp_path):
+    """`llm-finetune train` with method dpo and backend unsloth: trl's DPOTrainer on a model
+    from FastLanguageModel (CPU fallback here), the adapter saved, a sample generated."""
+    rows = [
+        {"prompt": f"Write the number {n} in words.", "chosen": w, "rejected": "no"}
+        for n, w in [(1, "one"), (2, "two"), (3, "three"), (4, "four")] * 4
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tiny_config(
+        tmp_path,
+        backend="unsloth",
+        method="dpo",
+        data={"datasets": [{"path": str(data)}], "format": "dpo"},
+        training={"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1},
+    )
+    settings = config.model_dump(mode="json")
+    settings["model"]["name"] = str(tiny_base)
+    config_file = tmp_path / "dpo.yaml"
+    config_file.write_text(json.dumps(settings))  # JSON is YAML
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_finetune.cli", "train", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((config.output_path / "run-summary.json").read_text())
+    assert summary["status"] == "trained" and summary["backend"]["name"] == "unsloth"
+    assert summary["train"]["steps"] == 4
+    assert "generation" in summary["sample_after_training"]
+    assert (config.output_path / "adapter" / "adapter_model.safetensors").is_file()

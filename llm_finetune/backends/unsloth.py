@@ -152,6 +152,16 @@ def _right_padding(tokenizer: Any) -> Iterator[None]:
             tokenizer.padding_side = side
 
 
+def patch_dpo_trainer(unsloth: Any) -> bool:
+    """`PatchDPOTrainer()`, as the handbook calls it before DPO, where this Unsloth exports it
+    (the CPU fallback does not; 2026.10 patches trl on import and keeps it as a no-op)."""
+    patch = getattr(unsloth, "PatchDPOTrainer", None)
+    if patch is None:
+        return False
+    patch()
+    return True
+
+
 class UnslothBackend:
     name = "unsloth"
 
@@ -201,6 +211,8 @@ class UnslothBackend:
             )
         except ValueError as exc:  # e.g. target modules not found in the model
             raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+        if config.method == "dpo":
+            patch_dpo_trainer(unsloth)
         return model, tokenizer
 
     @staticmethod
