@@ -193,13 +193,19 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     choice = choose_backend(config.backend)
     log(f"    {choice.reason}")
     if choice.name == "unsloth":  # first: Unsloth patches transformers/peft/trl on import
-        from llm_finetune.backends.unsloth import UnslothBackend, import_unsloth
+        from llm_finetune.backends.unsloth import (
+            UnslothBackend,
+            check_kernel_toolchain,
+            import_unsloth,
+        )
 
         import_unsloth(strict=True)
         UnslothBackend.check_config(config)
     import torch
 
     cuda = torch.cuda.is_available()
+    if choice.name == "unsloth" and cuda:
+        check_kernel_toolchain()
     launch = check_launch(cuda)
     if config.model.load_in_4bit and not cuda:
         raise UserError("model.load_in_4bit needs a CUDA GPU; set it to false on this machine")

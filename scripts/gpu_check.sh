@@ -16,8 +16,6 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # peft >= 0.18, pydantic typing-extensions >= 4.16, datasets fsspec <= 2026.2.0).
 python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|datasets|unsloth|unsloth.zoo|bitsandbytes|accelerate|typing.extensions|fsspec|pydantic) '
 python3 -c 'import torch, transformers, trl, peft, datasets, unsloth; print("imports ok; cuda", torch.cuda.is_available())'
-# Triton (Unsloth's kernels) builds its launchers with the host C compiler.
-echo "C compiler: $(command -v gcc || command -v cc || command -v clang || echo NONE)"
 # The work folder holds models (GBs); the report and the logs go to $OUT after each backend
 # (the device tool returns at most 8 files of 16 MiB).
 python3 scripts/gpu_check.py --work /tmp/gpu-check "$@"

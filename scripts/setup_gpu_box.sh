@@ -6,7 +6,8 @@
 #
 # Checks the NVIDIA driver and GPU, Python >= 3.11, free disk; creates .venv with the CUDA
 # build of torch and the `gpu` extra (Unsloth, bitsandbytes); checks that torch sees the GPU
-# and that Unsloth imports; checks the Hub token (HF_TOKEN or `hf auth login`) without
+# and that Unsloth imports, and that Triton can build its kernel launchers (a C compiler and
+# the Python headers); checks the Hub token (HF_TOKEN or `hf auth login`) without
 # printing it; then prints the next command.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,6 +43,15 @@ PY
 UNSLOTH_DISABLE_CPU_FALLBACK=1 .venv/bin/python -c 'import unsloth' >/dev/null \
 	|| fail "unsloth does not import on this GPU; backend: hf still works"
 echo "unsloth imports on the GPU"
+.venv/bin/python - <<'PY'
+from llm_finetune.backends.unsloth import check_kernel_toolchain
+from llm_finetune.errors import UserError
+try:
+    check_kernel_toolchain()
+except UserError as exc:
+    raise SystemExit(f"setup_gpu_box: {exc}")
+print("Triton can build Unsloth's kernel launchers: a C compiler and the Python headers")
+PY
 
 .venv/bin/python - <<'PY'
 from huggingface_hub import get_token, whoami

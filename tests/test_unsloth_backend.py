@@ -492,3 +492,21 @@ def test_dpo_trains_on_the_unsloth_backend(tiny_base, tmp_path):
     assert summary["train"]["steps"] == 4
     assert "generation" in summary["sample_after_training"]
     assert (config.output_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_gpu_box_without_compiler_or_python_headers_is_refused(monkeypatch, tmp_path):
+    """Triton builds Unsloth's kernel launchers with them at the first step: say so first."""
+    import sysconfig
+
+    from llm_finetune.backends import unsloth
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(unsloth.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="need a C compiler and none was found"):
+        unsloth.check_kernel_toolchain()
+    monkeypatch.setattr(unsloth.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    with pytest.raises(UserError, match="need the Python headers .* apt-get install python3"):
+        unsloth.check_kernel_toolchain()
+    (tmp_path / "Python.h").write_text("")
+    unsloth.check_kernel_toolchain()

@@ -152,6 +152,32 @@ def _right_padding(tokenizer: Any) -> Iterator[None]:
             tokenizer.padding_side = side
 
 
+def check_kernel_toolchain() -> None:
+    """On a GPU, Triton compiles a small C launcher for Unsloth's kernels at the first training
+    step, with the host C compiler and the Python headers (Triton's runtime/build.py): slim
+    images lack one or both, and the run would fail only after the model has loaded."""
+    import os
+    import sysconfig
+
+    compiler = os.environ.get("CC") or next(
+        (found for name in ("gcc", "clang", "cc") if (found := shutil.which(name))), None
+    )
+    if compiler is None:
+        raise UserError(
+            "Unsloth's Triton kernels need a C compiler and none was found: apt-get install "
+            "build-essential (or set CC), or use backend: hf"
+        )
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)
+    headers = Path(include["include"]) / "Python.h"
+    if not headers.is_file():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise UserError(
+            f"Unsloth's Triton kernels need the Python headers and {headers} is missing: "
+            f"apt-get install python{version}-dev, or use backend: hf"
+        )
+
+
 def patch_dpo_trainer(unsloth: Any) -> bool:
     """`PatchDPOTrainer()`, as the handbook calls it before DPO, where this Unsloth exports it
     (the CPU fallback does not; 2026.10 patches trl on import and keeps it as a no-op)."""
