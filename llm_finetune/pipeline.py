@@ -33,6 +33,7 @@ from llm_finetune.manifest import write_manifest
 from llm_finetune.resume import Reuse, merge_fingerprint, train_fingerprint
 
 SUMMARY_FILE = "run-summary.json"
+UNSLOTH_PUSH_STAGING = ".unsloth-push"  # in output_dir: the Unsloth push's temporary copy
 
 
 def log(message: str) -> None:
@@ -132,15 +133,17 @@ def base_weights(base: str, revision: str | None) -> BaseWeights | None:
     return BaseWeights(size, parameters)
 
 
-def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str) -> str:
-    """The merged model needs about the base's 16-bit size again: check before training."""
+def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str, copies: int = 1) -> str:
+    """The merged model needs about the base's 16-bit size again, `copies` times (Unsloth's
+    push writes a second, temporary one): check before training."""
     from llm_finetune.merge import check_free_disk
 
     if weights is None:
         return "disk: the base's size is unknown here; the merge checks again before writing"
-    needed = weights.size * (2 if merge_dtype == "float32" else 1)
+    needed = weights.size * (2 if merge_dtype == "float32" else 1) * copies
     check_free_disk(out, needed)
-    return f"disk: the merged model needs about {needed / 1e9:.2f} GB; enough is free"
+    what = "the merged model needs" if copies == 1 else f"{copies} copies of the merged model need"
+    return f"disk: {what} about {needed / 1e9:.2f} GB; enough is free"
 
 
 def check_verify_memory(weights: BaseWeights | None, config: Config, backend: str) -> str:
@@ -225,7 +228,8 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         return report
     if until == "publish" and reuse.merged is None:
         weights = base_weights(base, config.model.revision)
-        log(f"    {check_disk(weights, out, config.merge.dtype)}")
+        copies = 2 if choice.name == "unsloth" and config.publish.enabled else 1
+        log(f"    {check_disk(weights, out, config.merge.dtype, copies)}")
         if config.verify.enabled:
             log(f"    {check_verify_memory(weights, config, choice.name)}")
     if until == "publish" and config.publish.enabled:
@@ -562,6 +566,7 @@ def _push_with_unsloth(
             revision=config.publish.revision,
             endpoint=target.endpoint,
             merge_dtype=config.merge.dtype,
+            staging=config.output_path / UNSLOTH_PUSH_STAGING,
         )
     summary["unsloth_push"] = pushed
     log(f"    Unsloth pushed {len(pushed['files'])} files ({pushed['code_path']})")

@@ -94,27 +94,15 @@ report["push_with_card"] = backend_module.push_merged(
     model, tokenizer, args["repo_id"] + "-card", args["token"], endpoint=args["endpoint"],
     merge_dtype=config.merge.dtype, readme=card,
 )
+import tempfile
+
+tempdir_before = tempfile.tempdir
 report["push_to_branch"] = backend_module.push_merged(
     model, tokenizer, args["repo_id"] + "-branch", args["token"], endpoint=args["endpoint"],
     commit_message="to a branch", merge_dtype=config.merge.dtype, revision="dev",
+    staging=out / "push-staging",
 )
-# The GPU push's hook, driven as unsloth_zoo's prepare_saving and upload_items drive it.
-import unsloth_zoo.saving_utils as zoo
-
-from llm_finetune.publish import hub_client_settings
-
-original = zoo.create_huggingface_repo
-with hub_client_settings(args["endpoint"]), backend_module._unsloth_gpu_push_to(
-    args["endpoint"], args["token"], "dev", "our message"
-):
-    _, repo, api = zoo.create_huggingface_repo(
-        model=model, repo_id=args["repo_id"] + "-gpu", private=False, token=None
-    )
-    unsloths = {"repo_id": repo, "repo_type": "model", "commit_message": "(Trained with Unsloth)"}
-    api.upload_folder(folder_path=str(out / "adapter"), **unsloths)
-    api.upload_file(path_or_fileobj=str(card), path_in_repo="config.json", **unsloths)
-looked_up = "create_huggingface_repo" in zoo.prepare_saving.__code__.co_names
-report["gpu_hook"] = {"restored": zoo.create_huggingface_repo is original, "looked_up": looked_up}
+report["staging_left"] = (out / "push-staging").exists() or tempfile.tempdir != tempdir_before
 # Unsloth's own choice, without the backend's dtype override.
 from unsloth_zoo.cpu.runtime import cpu_bf16_supported
 
@@ -357,37 +345,26 @@ def test_push_merged_commits_to_the_configured_branch_only(unsloth_run):
     titles, files = _branch(server, REPO_ID + "-branch", "dev")
     assert titles[0] == "to a branch" and "model.safetensors" in files
     assert report["push_to_branch"]["files"] == files
+    assert not report["staging_left"]  # its temporary copy went beside the outputs, then away
     assert "model.safetensors" not in _branch(server, REPO_ID + "-branch", "main")[1]
 
 
 @needs_unsloth
-def test_unsloths_gpu_push_gets_our_repo_endpoint_branch_and_message(unsloth_run):
-    """Unsloth's GPU push would make the repo with its own card, validated at huggingface.co
-    whatever the endpoint, and upload to main as "(Trained with Unsloth)". Its hook, driven as
-    unsloth_zoo drives it (the upload itself needs a GPU), must give our HfApi instead."""
-    report, _, _, _, server = unsloth_run
-    assert report["gpu_hook"] == {"restored": True, "looked_up": True}
-    titles, files = _branch(server, REPO_ID + "-gpu", "dev")
-    assert titles[:2] == ["our message", "our message"]
-    assert "config.json" in files and "adapter_model.safetensors" in files
-    assert "Unsloth Model Card" not in titles  # no card from Unsloth: ours follows
-    assert _branch(server, REPO_ID + "-gpu", "main")[1] == [".gitattributes"]
+def test_the_push_goes_through_unsloths_revision_route_on_gpus():
+    """unsloth/save.py cannot be imported without triton (GPU machines only), so its source is
+    read: with a revision, the GPU push is one commit of a finished folder under our message.
+    Without one it would create the repo with a card validated at huggingface.co whatever the
+    endpoint, and upload shard by shard to main. A new Unsloth that changes this fails here."""
+    import importlib.util
 
-
-def test_unsloths_staging_folder_in_the_working_directory_is_removed(tmp_path, monkeypatch):
-    from llm_finetune.backends.unsloth import _no_staging_left_behind
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(RuntimeError), _no_staging_left_behind("alice/model"):
-        (tmp_path / "alice" / "model").mkdir(parents=True)
-        (tmp_path / "alice" / "model" / "model.safetensors").write_text("partial")
-        raise RuntimeError("upload failed")
-    assert not (tmp_path / "alice").exists()
-    (tmp_path / "alice" / "notes.txt").parent.mkdir()
-    (tmp_path / "alice" / "notes.txt").write_text("the user's")
-    with _no_staging_left_behind("alice/model"):
-        (tmp_path / "alice" / "model").mkdir()
-    assert [p.name for p in (tmp_path / "alice").iterdir()] == ["notes.txt"]
+    spec = importlib.util.find_spec("unsloth")
+    source = (Path(spec.submodule_search_locations[0]) / "save.py").read_text()
+    route = source[: source.index("return _push_merged_to_hub_revision(dict(locals()))")]
+    assert "or revision is not None" in route[-400:]
+    revision_route = source[source.index("def _push_merged_to_hub_revision(") :][:6000]
+    assert '"push_to_hub": False' in revision_route and "api.create_commit(" in revision_route
+    assert 'save_kwargs["commit_message"]' in revision_route
+    assert 'revision = save_kwargs["revision"]' in revision_route
 
 
 @needs_unsloth
@@ -433,6 +410,8 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert summary["merge"]["stored_dtypes"] == ["bfloat16"]
     assert summary["verify"]["passed"]
     assert "in a fresh process: stock transformers and peft" in done.stdout
+    assert "disk: 2 copies of the merged model need" in done.stdout  # Unsloth's push copy too
+    assert not (out / ".unsloth-push").exists()  # that copy's folder, removed
     # for_inference and a generation after training, then the save from the same model.
     sample = summary["sample_after_training"]
     assert sample["prompt"] == "Write the number 47 in words." and sample["generation"].strip()

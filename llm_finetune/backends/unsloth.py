@@ -359,66 +359,28 @@ def _hub_constants_for(endpoint: str) -> contextlib.AbstractContextManager[None]
 
 
 @contextlib.contextmanager
-def _unsloth_gpu_push_to(
-    endpoint: str, token: str, revision: str, commit_message: str
-) -> Iterator[None]:
-    """Make Unsloth's GPU push commit to `endpoint`, on `revision`, under `commit_message`.
+def _temporary_files_in(folder: Path | None) -> Iterator[None]:
+    """Point `tempfile` at `folder` (made, and removed afterwards) for one call.
 
-    Its `prepare_saving` makes the repo with `unsloth_zoo.saving_utils.create_huggingface_repo`
-    (looked up at call time), which pushes a generic card through `ModelCard.push_to_hub`: that
-    validates the card at https://huggingface.co whatever the endpoint, and uploads it through
-    huggingface_hub's HfApi made at import, so a push anywhere else fails (no network) or goes
-    astray. The HfApi it returns then uploads every file to main as "(Trained with Unsloth)".
-    The repo exists already (the publish preflight made it) and our card follows, so Unsloth
-    gets an HfApi of ours instead. The CPU fallback does not call it: a no-op there.
+    Both of Unsloth's pushes save the whole merged model into a temporary folder before they
+    upload it (on a GPU `_push_merged_to_hub_revision`, on the CPU transformers' push_to_hub).
+    /tmp is often a small container disk on rented boxes; `folder` sits beside the outputs,
+    whose free space the preflight checked.
     """
-    try:
-        import unsloth_zoo.saving_utils as zoo
-    except ImportError:
+    if folder is None:
         yield
         return
-    from huggingface_hub import HfApi
+    import tempfile
 
-    pinned = {"revision": revision, "commit_message": commit_message}
-
-    class PinnedApi(HfApi):
-        """Every upload goes to our revision, under our commit message."""
-
-        def upload_file(self, **kwargs: Any) -> Any:
-            return super().upload_file(**{**kwargs, **pinned})
-
-        def upload_folder(self, **kwargs: Any) -> Any:
-            return super().upload_folder(**{**kwargs, **pinned})
-
-    api = PinnedApi(endpoint=endpoint, token=token, library_name="llm-finetune")
-
-    def create_repo(model: Any, repo_id: str, private: bool = False, token: Any = None):
-        """Unsloth's signature; no card, and our token rather than whatever it found."""
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return repo_id.split("/")[0], repo_id, api
-
-    original = zoo.create_huggingface_repo
-    zoo.create_huggingface_repo = create_repo
+    shutil.rmtree(folder, ignore_errors=True)  # what a killed push left
+    folder.mkdir(parents=True)
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
     try:
         yield
     finally:
-        zoo.create_huggingface_repo = original
-
-
-@contextlib.contextmanager
-def _no_staging_left_behind(repo_id: str) -> Iterator[None]:
-    """Unsloth's GPU push stages files in ./<repo_id> under the working directory and removes
-    only that folder when it succeeds, leaving ./<owner> (and after a failure, the shards)
-    behind: remove the first of the two that did not exist before."""
-    owner, staging = Path(repo_id.split("/")[0]), Path(repo_id)
-    created = next((path for path in (owner, staging) if not path.exists()), None)
-    try:
-        yield
-    finally:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        tempfile.tempdir = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def push_merged(
@@ -433,13 +395,19 @@ def push_merged(
     endpoint: str | None = None,
     merge_dtype: str = "bfloat16",
     readme: Path | None = None,
+    staging: Path | None = None,
 ) -> dict[str, Any]:
     """`model.push_to_hub_merged(repo_id, tokenizer, save_method="merged_16bit", ...)`.
 
-    `revision`: the branch to commit to (made if missing). `endpoint`: the Hub to push to; None
-    means huggingface_hub's (HF_ENDPOINT as read at import). `readme`: a model card uploaded
-    afterwards over the generic card transformers pushes. Returns the branch's files and
-    commits after the push (read back from the endpoint).
+    `revision`: the branch to commit to (made if missing). Always passed: on a GPU it routes
+    Unsloth 2026.10 through `_push_merged_to_hub_revision` (one commit of a finished folder,
+    under our message). Without it, Unsloth creates the repo with a card validated at
+    https://huggingface.co whatever the endpoint (fatal with no network), and uploads shard by
+    shard to main as "(Trained with Unsloth)". `endpoint`: the Hub to push to; None means
+    huggingface_hub's (HF_ENDPOINT as read at import). `readme`: a model card uploaded
+    afterwards over Unsloth's. `staging`: where the push may write its temporary copy of the
+    merged model (None: the system's temporary folder). Returns the branch's files and commits
+    after the push (read back from the endpoint).
     """
     if not token:
         raise UserError("no Hub token found: export HF_TOKEN=<token> or run `hf auth login`")
@@ -467,8 +435,7 @@ def push_merged(
         hub_client_settings(target),
         redirect,
         client_timeout(RetryPolicy().timeout),
-        _unsloth_gpu_push_to(target, token, revision, message),
-        _no_staging_left_behind(repo_id),
+        _temporary_files_in(staging),
     ):
         try:
             with _cpu_merge_dtype(model, merge_dtype), _right_padding(tokenizer):
