@@ -103,6 +103,60 @@ report["push_to_branch"] = backend_module.push_merged(
     staging=out / "push-staging",
 )
 report["staging_left"] = (out / "push-staging").exists() or tempfile.tempdir != tempdir_before
+
+# Unsloth's GPU push route (unsloth/save.py `_push_merged_to_hub_revision`; the module imports
+# only on GPU machines), run from its source against the local server as push_merged sets the
+# call up, with its merge replaced by a copy of the merged folder: the part that talks to the Hub.
+import ast
+import os
+import shutil
+
+import unsloth
+from huggingface_hub import HfApi
+from peft import PeftModel
+
+source = (Path(unsloth.__file__).parent / "save.py").read_text()
+wanted = {"_push_merged_to_hub_revision", "_determine_username", "MODEL_CARD"}
+parts = [
+    ast.get_source_segment(source, node)
+    for node in ast.parse(source).body
+    if (isinstance(node, ast.FunctionDef) and node.name in wanted)
+    or (isinstance(node, ast.Assign) and {getattr(t, "id", None) for t in node.targets} & wanted)
+]
+merges = []
+
+
+def merge_into(save_directory, **kwargs):  # stands in for unsloth_generic_save's local merge
+    merges.append(kwargs["push_to_hub"])
+    shutil.copytree(out / "merged", save_directory, dirs_exist_ok=True)
+
+
+gpu = {"HfApi": HfApi, "get_token": lambda: None, "os": os, "Path": Path,
+       "PeftModel": PeftModel, "unsloth_generic_save": merge_into}
+exec("\n\n".join(parts), gpu)
+
+
+def gpu_route(repo_id, tokenizer=None, save_method="merged_16bit", token=None, private=None,
+              commit_message="Trained with Unsloth", revision=None):
+    # unsloth_generic_save(...) with a revision: `return _push_merged_to_hub_revision(locals())`
+    return gpu["_push_merged_to_hub_revision"](dict(
+        model=model, tokenizer=tokenizer, save_directory=repo_id, save_method=save_method,
+        token=token, private=private, commit_message=commit_message, revision=revision,
+        commit_description="Upload model trained with Unsloth 2x faster", create_pr=False,
+        datasets=None, tags=None, is_main_process=True,
+    ))
+
+
+cpu_route, model.push_to_hub_merged = model.push_to_hub_merged, gpu_route
+try:
+    report["push_gpu_route"] = backend_module.push_merged(
+        model, tokenizer, args["repo_id"] + "-gpu", args["token"], endpoint=args["endpoint"],
+        commit_message="the gpu route", merge_dtype=config.merge.dtype, revision="dev",
+        staging=out / "gpu-staging",
+    )
+finally:
+    model.push_to_hub_merged = cpu_route
+report["gpu_route_merges"] = merges
 # Unsloth's own choice, without the backend's dtype override.
 from unsloth_zoo.cpu.runtime import cpu_bf16_supported
 
@@ -347,6 +401,19 @@ def test_push_merged_commits_to_the_configured_branch_only(unsloth_run):
     assert report["push_to_branch"]["files"] == files
     assert not report["staging_left"]  # its temporary copy went beside the outputs, then away
     assert "model.safetensors" not in _branch(server, REPO_ID + "-branch", "main")[1]
+
+
+@needs_unsloth
+def test_unsloths_gpu_push_route_commits_once_to_our_endpoint_and_branch(unsloth_run):
+    """Its source run against the local server: no card validated at huggingface.co, one
+    commit of the finished folder, on our branch, under our message."""
+    report, _, _, _, server = unsloth_run
+    assert report["gpu_route_merges"] == [False]  # merged into a folder, then committed
+    titles, files = _branch(server, REPO_ID + "-gpu", "dev")
+    assert titles[0] == "the gpu route" and len(titles) == 2  # and the repo's first commit
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(files)
+    assert "model.safetensors" not in _branch(server, REPO_ID + "-gpu", "main")[1]
+    assert report["push_gpu_route"]["files"] == files
 
 
 @needs_unsloth
