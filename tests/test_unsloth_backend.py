@@ -157,6 +157,30 @@ try:
 finally:
     model.push_to_hub_merged = cpu_route
 report["gpu_route_merges"] = merges
+
+# Unsloth's GPU save, save_pretrained_merged -> unsloth_generic_save -> the merge below, whose
+# wrapper module needs a GPU to import; the merge itself (the original 16-bit shards re-read,
+# the LoRA added in float32) runs on the CPU too. Through the backend's save_merged.
+from unsloth_zoo.saving_utils import merge_and_overwrite_lora
+
+
+def gpu_save(save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
+    merge_and_overwrite_lora(
+        lambda name, load_in_4bit=False: name,  # loader_utils.get_model_name, for a folder
+        model=model, tokenizer=tokenizer, save_directory=str(save_directory),
+        push_to_hub=False, private=False, token=None, save_method=save_method,
+        output_dtype=None, low_disk_space_usage=True, use_temp_file=False,
+    )
+
+
+gpu_save.__module__ = backend_module.GPU_SAVER_MODULE  # as Unsloth binds it on a GPU
+cpu_save, model.save_pretrained_merged = model.save_pretrained_merged, gpu_save
+try:
+    report["gpu_merge"] = backend.save_merged(
+        model, tokenizer, args["base"], out / "adapter", out / "gpu-merged", config
+    )
+finally:
+    model.save_pretrained_merged = cpu_save
 # Unsloth's own choice, without the backend's dtype override.
 from unsloth_zoo.cpu.runtime import cpu_bf16_supported
 
@@ -294,6 +318,23 @@ def test_save_merged_writes_16bit_model_and_keeps_the_trained_model(unsloth_run)
     # Unsloth's CPU save already adds the tokenizer's EOS; the backend checks (eos_fixes).
     generation = json.loads((out / "merged" / "generation_config.json").read_text())
     assert sorted(generation["eos_token_id"]) == [2, 3] and facts["eos_fixes"] == []
+
+
+@needs_unsloth
+def test_unsloths_gpu_merge_verifies_and_gets_the_eos_fix(unsloth_run):
+    """Unsloth's GPU merge (unsloth_zoo's merge_and_overwrite_lora, run on the CPU) through
+    save_merged: 16-bit from the original base, equal to base+adapter, stopping on both EOS."""
+    report, _, base, out, _ = unsloth_run
+    from llm_finetune.verify import verify
+
+    facts = report["gpu_merge"]
+    assert facts["device"] == "gpu" and facts["code_path"] == "unsloth.save"
+    assert facts["stored_dtypes"] == ["bfloat16"] and facts["from_original_16bit_base"]
+    checked = verify(base, out / "adapter", out / "gpu-merged", ["Convert 21 to words."], 4)
+    assert checked.passed and checked.adapter_effect_max_abs_logit_diff > checked.tolerance
+    generation = json.loads((out / "gpu-merged" / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert sorted(eos if isinstance(eos, list) else [eos]) == [2, 3], facts["eos_fixes"]
 
 
 @needs_unsloth
