@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--backends", default=None, help="default: unsloth,hf,hf-fsdp")
     parser.add_argument(
-        "--timeout", type=float, default=200, help="seconds per backend before it is stopped"
+        "--timeout", type=float, default=170, help="seconds per backend before it is stopped"
     )
     parser.add_argument(
         "--report-to", default=os.environ.get("OUT"), help="also copy the report and logs here"
