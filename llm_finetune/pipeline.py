@@ -445,7 +445,12 @@ def _train(
 
 
 def _sample(
-    config: Config, summary: dict[str, Any], clock: StageClock, backend: Any, model, tokenizer
+    config: Config,
+    summary: dict[str, Any],
+    clock: StageClock,
+    backend: Any,
+    model: Any,
+    tokenizer: Any,
 ) -> None:
     """The trained model answers the first verify prompt (the handbook's look after training).
     A look, not a gate: the adapter is saved, and verification judges the merged model."""
