@@ -36,6 +36,19 @@ def tiny_base() -> str:
     return str(resolve_builtin_model("builtin:tiny-llama"))
 
 
+def dpo_pairs(folder: Path) -> Path:
+    """A small DPO file (prompt, chosen, rejected) of number words."""
+    import json
+
+    rows = [
+        {"prompt": f"Write the number {n} in words.", "chosen": w, "rejected": "no"}
+        for n, w in [(1, "one"), (2, "two"), (3, "three"), (4, "four")] * 4
+    ]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def tiny_config(tmp: Path, **sections):
     """A validated Config for the tiny model; keyword arguments replace whole sections."""
     from llm_finetune.config import Config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import tiny_config
+from tests.conftest import dpo_pairs, tiny_config
 
 
 def test_sft_reduces_loss_and_saves_adapter(trained_adapter):
@@ -35,12 +35,7 @@ def test_dpo_trains_and_saves_adapter(tiny_base, tmp_path):
     from llm_finetune.data import format_dataset, load_raw
     from llm_finetune.train import train, training_arguments
 
-    rows = [
-        {"prompt": f"Write the number {n} in words.", "chosen": w, "rejected": "no"}
-        for n, w in [(1, "one"), (2, "two"), (3, "three"), (4, "four")] * 4
-    ]
-    data_file = tmp_path / "pairs.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data_file = dpo_pairs(tmp_path)
     config = tiny_config(
         tmp_path,
         method="dpo",

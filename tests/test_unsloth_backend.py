@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from llm_finetune.errors import UserError
-from tests.conftest import GOOD_TOKEN, REPO_ROOT, needs_unsloth, tiny_config
+from tests.conftest import GOOD_TOKEN, REPO_ROOT, dpo_pairs, needs_unsloth, tiny_config
 
 REPO_ID = "alice/tiny-unsloth"
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens: a push that ignores `endpoint` fails here
@@ -548,12 +548,7 @@ def test_dpo_gets_unsloths_patch_where_it_is_exported():
 def test_dpo_trains_on_the_unsloth_backend(tiny_base, tmp_path):
     """`llm-finetune train` with method dpo and backend unsloth: trl's DPOTrainer on a model
     from FastLanguageModel (CPU fallback here), the adapter saved, a sample generated."""
-    rows = [
-        {"prompt": f"Write the number {n} in words.", "chosen": w, "rejected": "no"}
-        for n, w in [(1, "one"), (2, "two"), (3, "three"), (4, "four")] * 4
-    ]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = dpo_pairs(tmp_path)
     config = tiny_config(
         tmp_path,
         backend="unsloth",
