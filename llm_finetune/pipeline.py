@@ -382,11 +382,9 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
 def _wait_for_main_process() -> None:
     """A process other than the main one, after training: free the model's memory, then wait
     for the main process to merge, verify and publish, and share its outcome."""
-    import torch
+    from llm_finetune.verify import free_memory
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     exit_code = wait_for_main()
     if exit_code:
         raise OtherProcessFailed(exit_code)

@@ -72,7 +72,8 @@ def available_memory() -> tuple[int, int | None]:
     return gpu, int(kib) * 1024 if kib else None
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Collect garbage and hand torch's cached GPU memory back (for others to place on)."""
     import torch
 
     gc.collect()
@@ -90,7 +91,7 @@ def _load_float32(path: str | Path, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     if torch.cuda.is_available():
-        _free_memory()  # what training left in torch's cache counts as used when placing
+        free_memory()  # what training left in torch's cache counts as used when placing
         kwargs["device_map"] = "auto"
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
 
@@ -160,12 +161,12 @@ def verify(
     with reference.disable_adapter():
         base_logits, _ = _run(reference, encoded, 1, pad_id)
     del reference, base_model  # one model in memory at a time
-    _free_memory()
+    free_memory()
 
     merged_model = _load_float32(merged, trust_remote_code=trust_remote_code)
     merged_logits, merged_generations = _run(merged_model, encoded, max_new_tokens, pad_id)
     del merged_model
-    _free_memory()
+    free_memory()
 
     diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, merged_logits, strict=True))
     effect = max(float((a - b).abs().max()) for a, b in zip(ref_logits, base_logits, strict=True))
@@ -208,7 +209,7 @@ def verify_in_fresh_process(
     For a process that imported Unsloth, which on GPUs patches transformers' Llama classes
     and peft's forward for every model loaded after it, not only its own.
     """
-    _free_memory()  # the child places its models on what this process leaves free
+    free_memory()  # the child places its models on what this process leaves free
     request = [
         base,
         str(adapter),
