@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,13 +21,35 @@ def refuse_existing(path: Path, overwrite: bool, what: str) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(folder: Path) -> None:
+    """Give `folder` and what is in it the modes a plain write would have (0666/0777 & ~umask).
+
+    mkdtemp makes 0700 folders, and some writers (Unsloth's merge) write 0600 files; left so,
+    a model folder is unreadable to a server running under another user on a shared box.
+    """
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        path.chmod((0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(
     target: Path, overwrite: bool = False, what: str = "output folder"
 ) -> Iterator[Path]:
     """Yield an empty staging folder beside `target`; rename it into place only on success.
 
-    On failure the staging folder is removed and an existing `target` is left untouched.
+    On failure the staging folder is removed and an existing `target` is left untouched. On
+    success the folder and its files get the modes of a plain write (`give_default_modes`).
     """
     target = Path(target)
     refuse_existing(target, overwrite, what)
@@ -37,6 +60,7 @@ def atomic_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
+        give_default_modes(staging)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             target.rename(old / target.name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -110,6 +111,7 @@ report["staging_left"] = (out / "push-staging").exists() or tempfile.tempdir != 
 import ast
 import os
 import shutil
+import stat
 
 import unsloth
 from huggingface_hub import HfApi
@@ -335,6 +337,11 @@ def test_unsloths_gpu_merge_verifies_and_gets_the_eos_fix(unsloth_run):
     generation = json.loads((out / "gpu-merged" / "generation_config.json").read_text())
     eos = generation["eos_token_id"]
     assert sorted(eos if isinstance(eos, list) else [eos]) == [2, 3], facts["eos_fixes"]
+    # The zoo writes model.safetensors 0600; the folder ends readable like any plain write.
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [out / "gpu-merged", *(out / "gpu-merged").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o444 == 0o444 & ~mask, path
 
 
 @needs_unsloth

@@ -1,0 +1,55 @@
+"""atomic_dir: a folder appears whole, with the modes of a plain write, or not at all."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from llm_finetune.errors import UserError
+from llm_finetune.fsutil import atomic_dir
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_the_folder_and_its_files_get_the_modes_of_a_plain_write(tmp_path, mask):
+    saved = os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "merged") as stage:
+            (stage / "model.safetensors").write_bytes(b"x")
+            (stage / "model.safetensors").chmod(0o600)  # as Unsloth's merge writes it
+            (stage / "sub").mkdir(mode=0o700)
+            (stage / "sub" / "run.sh").write_text("#!/bin/sh\n")
+            (stage / "sub" / "run.sh").chmod(0o700)
+    finally:
+        os.umask(saved)
+    merged = tmp_path / "merged"
+    assert _mode(merged) == 0o777 & ~mask  # mkdtemp alone leaves 0700
+    assert _mode(merged / "model.safetensors") == 0o666 & ~mask
+    assert _mode(merged / "sub") == 0o777 & ~mask
+    assert _mode(merged / "sub" / "run.sh") == 0o777 & ~mask
+
+
+def test_a_failure_leaves_the_old_folder_and_no_staging_folder(tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target, overwrite=True) as stage:
+        (stage / "new.txt").write_text("new")
+        raise RuntimeError("merge failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+
+def test_an_existing_folder_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "merged").mkdir()
+    with pytest.raises(UserError, match="already exists"), atomic_dir(tmp_path / "merged"):
+        pass
+    with atomic_dir(tmp_path / "merged", overwrite=True) as stage:
+        (stage / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["new.txt"]
