@@ -7,8 +7,10 @@ Builds a ~0.5B Llama from a config with random weights (no download), writes a s
 dataset of long Alpaca rows, then runs `llm-finetune run` once per backend, each in its own
 process (Unsloth must be imported first in its process): a few dozen SFT steps, the
 merged_16bit save (Unsloth's GPU path, unsloth/save.py, on the GPU), verification against
-base+adapter, publishing to a local Hub-compatible server and loading it back; then the hf
-backend once more under FSDP (configs/accelerate/fsdp.yaml, one process). Prints
+base+adapter, publishing to a local Hub-compatible server and loading it back; then, as
+correctness checks of a few steps, the unsloth backend trained in 4-bit (QLoRA: the merge must
+read the original 16-bit base) and the hf backend under FSDP (configs/accelerate/fsdp.yaml,
+one process). All of it stops within --budget seconds, so one device call holds it. Prints
 tokens/s of each backend and their ratio (goal: unsloth >= 1.8x hf), peak GPU memory,
 merge time and the verification figures; writes them to gpu-check.json in the work folder.
 """
@@ -104,18 +106,23 @@ def write_config(path: Path, base: str, data: str, args: argparse.Namespace) -> 
 
 
 def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
-    """`llm-finetune run` with backend `name`; "hf-fsdp": the hf backend under
-    `accelerate launch` with configs/accelerate/fsdp.yaml in one process (FSDP's wrapping,
-    CPU-efficient loading and full-state-dict gather of the adapter, on the one GPU)."""
-    backend, _, engine = name.partition("-")
+    """`llm-finetune run` with backend `name` ("unsloth", "hf"), or a variant of it checked
+    for correctness in a few steps: "<backend>-4bit" trains in 4-bit (model.load_in_4bit);
+    "<backend>-fsdp" runs under `accelerate launch` with configs/accelerate/fsdp.yaml in one
+    process (FSDP's wrapping, CPU-efficient loading and full-state-dict gather of the adapter,
+    on the one GPU)."""
+    backend, _, variant = name.partition("-")
     out = work / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
     launcher = [sys.executable, "-m", "llm_finetune.cli"]
     overrides = [f"backend={backend}", f"output_dir={out}"]
-    if engine:  # a correctness check, not a speed one: a few steps are enough
+    if variant:  # a correctness check, not a speed one: a few steps are enough
         overrides.append("training.max_steps=10")
-        accelerate_config = ROOT / "configs" / "accelerate" / f"{engine}.yaml"
+    if variant == "4bit":
+        overrides.append("model.load_in_4bit=true")
+    elif variant:
+        accelerate_config = ROOT / "configs" / "accelerate" / f"{variant}.yaml"
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         launcher += [str(accelerate_config), "--num_processes", "1", "--main_process_port"]
         launcher += ["29531", "-m", "llm_finetune.cli"]
@@ -155,6 +162,7 @@ def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
         "loss": [train.get("train_loss_first"), train.get("train_loss_last")],
         "merge_seconds": summary["stages"].get("merge"),
         "merge_code_path": summary["merge"].get("code_path", "llm-finetune streaming merge"),
+        "load_in_4bit": summary["config"]["model"]["load_in_4bit"],
         "merged_from": summary["merge"].get("merged_from"),
         "verify_max_abs_logit_diff": verify.get("max_abs_logit_diff"),
         "verify_tolerance": verify.get("tolerance"),
@@ -177,15 +185,24 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--backends", default=None, help="default: unsloth,hf,hf-fsdp")
+    parser.add_argument("--backends", default=None, help="default: unsloth,hf,unsloth-4bit,hf-fsdp")
     parser.add_argument(
         "--timeout", type=float, default=170, help="seconds per backend before it is stopped"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=520,
+        help="seconds for the whole check (one device call); backends past it are not run",
     )
     parser.add_argument(
         "--report-to", default=os.environ.get("OUT"), help="also copy the report and logs here"
     )
     args = parser.parse_args()
-    args.backends = args.backends or ("unsloth,hf" if args.tiny else "unsloth,hf,hf-fsdp")
+    deadline = time.monotonic() + args.budget
+    args.backends = args.backends or (
+        "unsloth,hf" if args.tiny else "unsloth,hf,unsloth-4bit,hf-fsdp"
+    )
     args.steps = args.steps or (6 if args.tiny else 40)
     args.batch = args.batch or (4 if args.tiny else 8)
     args.seq = args.seq or (128 if args.tiny else 1024)
@@ -200,7 +217,11 @@ def main() -> int:
     results = {}
     for backend in args.backends.split(","):
         print(f"==> {backend}", flush=True)
-        results[backend] = run_backend(backend, config, work, args.timeout)
+        left = deadline - time.monotonic()
+        if left < 30:
+            results[backend] = {"backend": backend, "ok": False, "error": "not run: --budget spent"}
+        else:
+            results[backend] = run_backend(backend, config, work, min(args.timeout, left))
         print(json.dumps(results[backend], indent=2), flush=True)
         report(results, work, backend, args.report_to)  # after each: a lease may end early
     speeds = [results.get(b, {}).get("tokens_per_second") for b in ("unsloth", "hf")]
