@@ -644,7 +644,8 @@ def _publish(
         )
         summary["published"] = published.as_dict()
         state = f"commit {published.commit}" if published.committed else "already up to date"
-        log(f"    {state}, {len(published.files)} files: {published.url}")
+        kept = f"{len(published.unchanged)} already there"
+        log(f"    {state}, {len(published.files)} files ({kept}): {published.url}")
         if published.readme_kept:
             log("    kept the repo's own README.md (publish.replace_readme: true replaces it)")
         if config.publish.adapter_repo_id:

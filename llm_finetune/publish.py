@@ -90,6 +90,8 @@ class PublishReport:
     readme_kept: bool = False  # the revision's own README.md was kept (replace_readme=False)
     committed: bool = True  # False: the revision already held exactly these files
     deleted: list[str] = field(default_factory=list)  # stale model files removed by the commit
+    # files the branch already held with the same content before the commit (not sent again)
+    unchanged: list[str] = field(default_factory=list)
     attempts: int = 1  # 1 + the retries after transient failures
     kind: str = "model"
 
@@ -479,24 +481,25 @@ def remote_differences(
     Sizes always, sha256 for LFS files, git blob ids for regular files; and no model file may
     be on the server that the folder does not have (`ignore`: paths left alone on purpose).
     """
-    problems = []
-    for file in files:
-        entry = remote.get(file.path)
-        if entry is None:
-            problems.append(f"{file.path} is missing")
-        elif entry.size != file.size:
-            problems.append(f"{file.path} has {entry.size} bytes, not {file.size}")
-        elif entry.lfs is not None and entry.lfs.sha256 != file.sha256:
-            problems.append(
-                f"{file.path} has sha256 {entry.lfs.sha256[:12]}, not {file.sha256[:12]}"
-            )
-        elif entry.lfs is None and entry.blob_id != file.git_oid():
-            problems.append(f"{file.path} has other content (git blob {entry.blob_id[:12]})")
+    problems = [p for p in (_difference(f, remote.get(f.path)) for f in files) if p]
     local = {file.path for file in files}
     for path in sorted(remote):
         if path not in local and path not in ignore and is_artefact(path):
             problems.append(f"{path} is on the Hub but not in the folder")
     return problems
+
+
+def _difference(file: LocalFile, entry: Any) -> str | None:
+    """How the server's `entry` (a RepoFile, or None) differs from `file`; None if it does not."""
+    if entry is None:
+        return f"{file.path} is missing"
+    if entry.size != file.size:
+        return f"{file.path} has {entry.size} bytes, not {file.size}"
+    if entry.lfs is not None and entry.lfs.sha256 != file.sha256:
+        return f"{file.path} has sha256 {entry.lfs.sha256[:12]}, not {file.sha256[:12]}"
+    if entry.lfs is None and entry.blob_id != file.git_oid():
+        return f"{file.path} has other content (git blob {entry.blob_id[:12]})"
+    return None
 
 
 def rerun_command(
@@ -577,6 +580,7 @@ class _Outcome:
     readme_kept: bool
     deleted: list[str]
     published: list[LocalFile]
+    unchanged: list[str]
 
 
 def _attempt(
@@ -613,6 +617,7 @@ def _attempt(
     published = [f for f in files if not (readme_kept and f.path == "README.md")]
     local = {f.path for f in files}
     stale = sorted(p for p in remote if p not in local and is_artefact(p))
+    unchanged = [f.path for f in published if _difference(f, remote.get(f.path)) is None]
     additions = [f.operation() for f in published]
     api.preupload_lfs_files(repo_id, additions=additions, revision=revision, free_memory=False)
     for file in published:  # uploads done; the commit must describe the checked files
@@ -626,7 +631,7 @@ def _attempt(
         revision=revision,
         parent_commit=head,
     )
-    return _Outcome(info.oid, info.oid != head, readme_kept, stale, published)
+    return _Outcome(info.oid, info.oid != head, readme_kept, stale, published, unchanged)
 
 
 def _publish(
@@ -720,6 +725,7 @@ def _publish(
         readme_kept=outcome.readme_kept,
         committed=outcome.committed,
         deleted=outcome.deleted,
+        unchanged=outcome.unchanged,
         attempts=attempt,
         kind=kind,
     )

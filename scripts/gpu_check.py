@@ -149,6 +149,7 @@ def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
         return {"backend": name, "ok": False, "error": "\n".join(said or lines[-15:])}
     summary = json.loads((out / "run-summary.json").read_text())
     train, verify = summary["train"], summary.get("verify", {})
+    published = summary.get("published", {})
     return {
         "backend": name,
         "ok": True,
@@ -167,11 +168,16 @@ def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
         "verify_max_abs_logit_diff": verify.get("max_abs_logit_diff"),
         "verify_tolerance": verify.get("tolerance"),
         "generations_agree": f"{verify.get('generations_agree')}/{verify.get('prompts')}",
-        "published_files": len(summary.get("published", {}).get("files", [])),
+        "published_files": len(published.get("files", [])),
         # Unsloth's own push (unsloth backend): its commits, newest first, under our message.
         "unsloth_push_commits": [
             c["title"] for c in summary.get("unsloth_push", {}).get("commits", [])
         ],
+        # What our last commit changed after Unsloth's push: only README.md if Unsloth uploaded
+        # the bytes that were verified.
+        "changed_by_final_commit": sorted(
+            set(published.get("files", [])) - set(published.get("unchanged", []))
+        ),
         "sample_after_training": summary.get("sample_after_training"),  # unsloth backend
         "load_back": summary.get("load_back", {}).get("generation"),
         "stages": summary["stages"],

@@ -154,6 +154,8 @@ def test_an_existing_readme_is_kept_unless_replace_readme(hub, tmp_path):
 
     replaced = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN, replace_readme=True)
     assert not replaced.readme_kept and "README.md" in replaced.files
+    # Only the card changed: the rest was on the branch already, with the same content.
+    assert replaced.unchanged == sorted(set(replaced.files) - {"README.md"})
     assert _remote_text(hub, "alice/carded", "README.md") == "# ours\n"
     again = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN)  # ours is there now
     assert not again.readme_kept and not again.committed
@@ -184,6 +186,7 @@ def test_republishing_the_same_folder_makes_no_commit(hub, tmp_path):
     first = publish_folder(folder, "alice/same", hub.url, GOOD_TOKEN)
     second = publish_folder(folder, "alice/same", hub.url, GOOD_TOKEN)
     assert first.committed and not second.committed and second.commit == first.commit
+    assert first.unchanged == [] and second.unchanged == second.files
 
 
 def test_the_manifest_is_checked_and_never_uploaded(hub, tmp_path):
