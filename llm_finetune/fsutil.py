@@ -42,6 +42,12 @@ def give_default_modes(folder: Path) -> None:
         path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
+def leftovers(target: Path) -> list[Path]:
+    """The hidden folders that killed `atomic_dir`s of `target` left beside it."""
+    prefixes = (f".{target.name}.partial-", f".{target.name}.old-")
+    return [p for p in target.parent.glob(f".{target.name}.*-*") if p.name.startswith(prefixes)]
+
+
 @contextlib.contextmanager
 def atomic_dir(
     target: Path, overwrite: bool = False, what: str = "output folder"
@@ -54,9 +60,8 @@ def atomic_dir(
     target = Path(target)
     refuse_existing(target, overwrite, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in target.parent.glob(f".{target.name}.*-*"):  # from a killed earlier run
-        if leftover.name.startswith((f".{target.name}.partial-", f".{target.name}.old-")):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in leftovers(target):  # from a killed earlier run
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging

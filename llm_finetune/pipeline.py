@@ -12,6 +12,7 @@ import gc
 import importlib.util
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,6 +134,21 @@ def base_weights(base: str, revision: str | None) -> BaseWeights | None:
     return BaseWeights(size, parameters)
 
 
+def remove_leftovers(out: Path) -> str | None:
+    """A killed run's half-written merge and Unsloth's push copy each hold up to a model's
+    size: removed before the disk check counts them as used (the next merge would anyway)."""
+    from llm_finetune.fsutil import leftovers
+
+    found = [p for p in [*leftovers(out / "merged"), out / UNSLOTH_PUSH_STAGING] if p.is_dir()]
+    if not found:
+        return None
+    size = sum(f.stat().st_size for p in found for f in p.rglob("*") if f.is_file())
+    for folder in found:
+        shutil.rmtree(folder, ignore_errors=True)
+    names = ", ".join(p.name for p in found)
+    return f"outputs: removed what a killed run left ({names}: {size / 1e9:.2f} GB)"
+
+
 def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str, copies: int = 1) -> str:
     """The merged model needs about the base's 16-bit size again, `copies` times (Unsloth's
     push writes a second, temporary one): check before training."""
@@ -227,6 +243,8 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     if not is_main_process():
         return report
     if until == "publish" and reuse.merged is None:
+        if removed := remove_leftovers(out):
+            log(f"    {removed}")
         weights = base_weights(base, config.model.revision)
         copies = 2 if choice.name == "unsloth" and config.publish.enabled else 1
         log(f"    {check_disk(weights, out, config.merge.dtype, copies)}")

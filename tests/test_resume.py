@@ -95,11 +95,18 @@ def test_kill_during_merge_leaves_no_model_and_a_rerun_completes(finished, tmp_p
     partial = out / ".merged.partial-killed"
     shutil.copytree(finished / "merged", partial)
     (partial / "model.safetensors").write_bytes(b"half")
+    pushing = out / ".unsloth-push" / "tmpabc"  # what a killed Unsloth push leaves
+    pushing.mkdir(parents=True)
+    (pushing / "model.safetensors").write_bytes(b"\0" * 1000)
     done = run(out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reusing the finished adapter of this config" in done.stdout
     assert "merge" in summary(out)["stages"] and "train" not in summary(out)["stages"]
-    assert not partial.exists()
+    # Removed in the preflight, before its disk check counts them as used.
+    preflight = done.stdout.split("==> [")[1]
+    assert preflight.startswith("preflight]")
+    assert "removed what a killed run left (.merged.partial-killed, .unsloth-push:" in preflight
+    assert not partial.exists() and not (out / ".unsloth-push").exists()
     assert (out / "merged" / "model.safetensors").stat().st_size > 1000
 
 
