@@ -596,14 +596,20 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def check_free_disk(output: Path, needed: int) -> None:
-    parent = output.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (where it will be made)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_disk(output: Path, needed: int, what: str = "the merged model") -> None:
+    """Refuse to start writing `needed` bytes at `output` on a disk that cannot hold them."""
+    parent = existing_ancestor(output.resolve().parent)
     free = shutil.disk_usage(parent).free
     if free < needed * 1.05:
         raise UserError(
-            f"not enough disk for the merged model in {str(parent)!r}: it needs "
+            f"not enough disk for {what} in {str(parent)!r}: it needs "
             f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free space or choose --output"
         )
 

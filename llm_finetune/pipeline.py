@@ -107,6 +107,7 @@ def resolve_base(config: Config) -> str:
 class BaseWeights:
     size: int  # bytes of the safetensors files
     parameters: int
+    to_download: int = 0  # bytes of them not in the Hub cache yet (a Hub id)
 
 
 def base_weights(base: str, revision: str | None) -> BaseWeights | None:
@@ -129,9 +130,17 @@ def base_weights(base: str, revision: str | None) -> BaseWeights | None:
         info = HfApi().model_info(base, revision=revision, files_metadata=True)
     except Exception:  # offline or no access: the merge checks again before writing
         return None
-    size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+    from huggingface_hub import try_to_load_from_cache
+
+    shards = [s for s in info.siblings or [] if s.rfilename.endswith(".safetensors")]
+    size = sum(s.size or 0 for s in shards)
     parameters = info.safetensors.total if info.safetensors else size // 2  # 16-bit weights
-    return BaseWeights(size, parameters)
+    to_download = sum(
+        s.size or 0
+        for s in shards
+        if not isinstance(try_to_load_from_cache(base, s.rfilename, revision=info.sha), str)
+    )
+    return BaseWeights(size, parameters, to_download)
 
 
 def remove_leftovers(out: Path) -> str | None:
@@ -149,17 +158,38 @@ def remove_leftovers(out: Path) -> str | None:
     return f"outputs: removed what a killed run left ({names}: {size / 1e9:.2f} GB)"
 
 
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether paths `a` and `b` (made later if missing) land on one filesystem."""
+    from llm_finetune.merge import existing_ancestor
+
+    return (
+        existing_ancestor(a.resolve()).stat().st_dev == existing_ancestor(b.resolve()).stat().st_dev
+    )
+
+
 def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str, copies: int = 1) -> str:
-    """The merged model needs about the base's 16-bit size again, `copies` times (Unsloth's
-    push writes a second, temporary one): check before training."""
+    """Check before training that the merged model fits: the base's 16-bit size again,
+    `copies` times (Unsloth's push writes a second, temporary one), plus, for a Hub base not
+    cached yet, its download into the Hub cache (on the same disk or its own)."""
+    from huggingface_hub import constants
+
     from llm_finetune.merge import check_free_disk
 
     if weights is None:
         return "disk: the base's size is unknown here; the merge checks again before writing"
-    needed = weights.size * (2 if merge_dtype == "float32" else 1) * copies
-    check_free_disk(out, needed)
-    what = "the merged model needs" if copies == 1 else f"{copies} copies of the merged model need"
-    return f"disk: {what} about {needed / 1e9:.2f} GB; enough is free"
+    merged = weights.size * (2 if merge_dtype == "float32" else 1) * copies
+    label = "the merged model" if copies == 1 else f"{copies} copies of the merged model"
+    on_output_disk = {label: merged}
+    if weights.to_download:
+        cache = Path(constants.HF_HUB_CACHE) / "base"  # where the download's folder goes
+        if same_disk(cache, out):
+            on_output_disk["the base's download"] = weights.to_download
+        else:
+            check_free_disk(cache, weights.to_download, "the base's download into the Hub cache")
+    what = " and ".join(on_output_disk)
+    needed = sum(on_output_disk.values())
+    check_free_disk(out, needed, what)
+    return f"disk: {what}: about {needed / 1e9:.2f} GB; enough is free"
 
 
 def check_verify_memory(weights: BaseWeights | None, config: Config, backend: str) -> str:

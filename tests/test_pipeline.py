@@ -208,6 +208,59 @@ def test_the_base_weights_are_counted_from_the_safetensors_headers(tiny_base):
     assert weights.size > 2 * weights.parameters  # bf16, plus the header
 
 
+def test_a_hub_base_not_in_the_cache_counts_its_download_in_the_disk_check(
+    hub, tiny_base, tmp_path, monkeypatch
+):
+    """A box whose disk holds the merged model but not also the base's download would fail
+    after training: refused before, with the numbers; once cached, the download is not counted."""
+    import shutil as shutil_module
+
+    from huggingface_hub import constants, hf_hub_download
+
+    from llm_finetune import pipeline
+    from llm_finetune.errors import UserError
+    from llm_finetune.publish import hub_client_settings, publish_folder
+
+    def weights_on_the_hub() -> pipeline.BaseWeights | None:
+        with monkeypatch.context() as hub_default, hub_client_settings(hub.url):
+            hub_default.setattr(constants, "ENDPOINT", hub.url)  # HfApi()'s default endpoint
+            return pipeline.base_weights("alice/base", None)
+
+    publish_folder(Path(tiny_base), "alice/base", hub.url, GOOD_TOKEN)
+    (tmp_path / "hub-cache").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    size = (Path(tiny_base) / "model.safetensors").stat().st_size
+    weights = weights_on_the_hub()
+    assert (weights.size, weights.to_download) == (size, size)
+    out = tmp_path / "out"
+    message = pipeline.check_disk(weights, out, "bfloat16")
+    assert message.startswith("disk: the merged model and the base's download: about")
+
+    free = {"out": int(size * 1.5), "cache": int(size * 1.5)}  # one model fits, not two
+    monkeypatch.setattr(
+        shutil_module,
+        "disk_usage",
+        lambda path: shutil_module._ntuple_diskusage(0, 0, free[_disk(path, tmp_path)]),
+    )
+    with pytest.raises(UserError, match="not enough disk for the merged model and the base's"):
+        pipeline.check_disk(weights, out, "bfloat16")
+    monkeypatch.setattr(pipeline, "same_disk", lambda a, b: False)  # a cache on its own disk
+    pipeline.check_disk(weights, out, "bfloat16")
+    free["cache"] = size // 2
+    with pytest.raises(UserError, match="not enough disk for the base's download into the Hub"):
+        pipeline.check_disk(weights, out, "bfloat16")
+
+    with hub_client_settings(hub.url):
+        hf_hub_download("alice/base", "model.safetensors", endpoint=hub.url)
+    cached = weights_on_the_hub()
+    assert (cached.size, cached.to_download) == (size, 0)
+    assert pipeline.check_disk(cached, out, "bfloat16").startswith("disk: the merged model: about")
+
+
+def _disk(path: str, tmp_path: Path) -> str:
+    return "cache" if str(path).startswith(str(tmp_path / "hub-cache")) else "out"
+
+
 def test_a_failed_sample_after_training_is_a_warning_not_a_lost_run(tmp_path):
     """The look at the trained model must not stop a run whose adapter is saved: verification
     judges the merged model."""

@@ -525,7 +525,7 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert summary["merge"]["stored_dtypes"] == ["bfloat16"]
     assert summary["verify"]["passed"]
     assert "in a fresh process: stock transformers and peft" in done.stdout
-    assert "disk: 2 copies of the merged model need" in done.stdout  # Unsloth's push copy too
+    assert "disk: 2 copies of the merged model: about" in done.stdout  # Unsloth's push copy too
     assert not (out / ".unsloth-push").exists()  # that copy's folder, removed
     # for_inference and a generation after training, then the save from the same model.
     sample = summary["sample_after_training"]
