@@ -69,7 +69,7 @@ PY
 cat <<'NEXT'
 
 Ready. Next:
-  make finetune-and-publish    # ~1 min: the whole pipeline on this GPU (built-in tiny model, local Hub)
+  make finetune-and-publish    # a few minutes: the whole pipeline on this GPU (tiny model, local Hub)
   export HF_USERNAME=<your Hub name>
   .venv/bin/llm-finetune validate configs/llama-3.1-8b-sft.yaml
   make finetune-and-publish CONFIG=configs/llama-3.1-8b-sft.yaml
