@@ -606,6 +606,8 @@ def _push_with_unsloth(
     """The handbook's call: model.push_to_hub_merged(repo_id, tokenizer, "merged_16bit")."""
     from llm_finetune.backends.unsloth import push_merged
 
+    base_folder = summary["merge"].get("base_folder")  # what the GPU merge read, if it did
+
     with clock.stage("unsloth_push", f"push_to_hub_merged({target.repo_id!r}, merged_16bit)"):
         pushed = push_merged(
             model,
@@ -618,6 +620,7 @@ def _push_with_unsloth(
             endpoint=target.endpoint,
             merge_dtype=config.merge.dtype,
             staging=config.output_path / UNSLOTH_PUSH_STAGING,
+            base_folder=Path(base_folder) if base_folder else None,
         )
     summary["unsloth_push"] = pushed
     log(f"    Unsloth pushed {len(pushed['files'])} files ({pushed['code_path']})")

@@ -129,7 +129,7 @@ merges = []
 
 
 def merge_into(save_directory, **kwargs):  # stands in for unsloth_generic_save's local merge
-    merges.append(kwargs["push_to_hub"])
+    merges.append([kwargs["push_to_hub"], model.config._name_or_path])  # where it finds the base
     shutil.copytree(out / "merged", save_directory, dirs_exist_ok=True)
 
 
@@ -149,16 +149,20 @@ def gpu_route(repo_id, tokenizer=None, save_method="merged_16bit", token=None, p
     ))
 
 
+# What a load from a Hub id leaves; Unsloth's name mapper sends it to another repo.
+HUB_ID = "meta-llama/Llama-3.1-8B"
 cpu_route, model.push_to_hub_merged = model.push_to_hub_merged, gpu_route
+model.config._name_or_path = HUB_ID
 try:
     report["push_gpu_route"] = backend_module.push_merged(
         model, tokenizer, args["repo_id"] + "-gpu", args["token"], endpoint=args["endpoint"],
         commit_message="the gpu route", merge_dtype=config.merge.dtype, revision="dev",
-        staging=out / "gpu-staging",
+        staging=out / "gpu-staging", base_folder=Path(args["base"]),
     )
 finally:
     model.push_to_hub_merged = cpu_route
 report["gpu_route_merges"] = merges
+report["name_after_push"] = model.config._name_or_path
 
 # Unsloth's GPU save, save_pretrained_merged -> unsloth_generic_save -> the merge below, whose
 # wrapper module needs a GPU to import; the merge itself (the original 16-bit shards re-read,
@@ -166,9 +170,17 @@ report["gpu_route_merges"] = merges
 from unsloth_zoo.saving_utils import merge_and_overwrite_lora
 
 
+base_names = []
+
+
+def get_model_name(name, load_in_4bit=False):  # loader_utils.get_model_name, in short: a
+    base_names.append(name)  # folder as is, a Hub id to Unsloth's copy (unsloth/Llama-3.1-8B)
+    return name if os.path.isdir(name) else "unsloth/" + name.split("/")[-1]
+
+
 def gpu_save(save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
     merge_and_overwrite_lora(
-        lambda name, load_in_4bit=False: name,  # loader_utils.get_model_name, for a folder
+        get_model_name,
         model=model, tokenizer=tokenizer, save_directory=str(save_directory),
         push_to_hub=False, private=False, token=None, save_method=save_method,
         output_dtype=None, low_disk_space_usage=True, use_temp_file=False,
@@ -183,6 +195,9 @@ try:
     )
 finally:
     model.save_pretrained_merged = cpu_save
+report["gpu_merge_base_names"] = base_names
+report["name_after_save"] = model.config._name_or_path
+model.config._name_or_path = args["base"]
 # Unsloth's own choice, without the backend's dtype override.
 from unsloth_zoo.cpu.runtime import cpu_bf16_supported
 
@@ -331,6 +346,10 @@ def test_unsloths_gpu_merge_verifies_and_gets_the_eos_fix(unsloth_run):
 
     facts = report["gpu_merge"]
     assert facts["device"] == "gpu" and facts["code_path"] == "unsloth.save"
+    # The model was loaded as a Hub id, which Unsloth's mapper would send to its own copy of
+    # the base: the merge looked up the configured base on disk instead, then the id came back.
+    assert report["gpu_merge_base_names"] == [base] and facts["base_folder"] == base
+    assert report["name_after_save"] == "meta-llama/Llama-3.1-8B"
     assert facts["stored_dtypes"] == ["bfloat16"] and facts["from_original_16bit_base"]
     checked = verify(base, out / "adapter", out / "gpu-merged", ["Convert 21 to words."], 4)
     assert checked.passed and checked.adapter_effect_max_abs_logit_diff > checked.tolerance
@@ -455,8 +474,11 @@ def test_push_merged_commits_to_the_configured_branch_only(unsloth_run):
 def test_unsloths_gpu_push_route_commits_once_to_our_endpoint_and_branch(unsloth_run):
     """Its source run against the local server: no card validated at huggingface.co, one
     commit of the finished folder, on our branch, under our message."""
-    report, _, _, _, server = unsloth_run
-    assert report["gpu_route_merges"] == [False]  # merged into a folder, then committed
+    report, _, base, _, server = unsloth_run
+    # Merged into a folder, then committed; the merge found the configured base on disk, not
+    # the Hub id the model was loaded as (Unsloth's mapper would send that to its own copy).
+    assert report["gpu_route_merges"] == [[False, base]]
+    assert report["name_after_push"] == "meta-llama/Llama-3.1-8B"  # restored
     titles, files = _branch(server, REPO_ID + "-gpu", "dev")
     assert titles[0] == "the gpu route" and len(titles) == 2  # and the repo's first commit
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(files)

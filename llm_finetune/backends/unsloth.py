@@ -17,7 +17,9 @@ Two implementations hide behind the same two methods, chosen by Unsloth when it 
   (two commits, with transformers' generic model card).
 - a GPU: `unsloth/save.py` (`unsloth_generic_save_pretrained_merged` ->
   `unsloth_zoo.saving_utils.merge_and_overwrite_lora`), which re-reads the ORIGINAL 16-bit base
-  weights (downloading them when the base is a Hub id) and merges shard by shard.
+  weights and merges shard by shard. It finds them by `model.config._name_or_path` through
+  Unsloth's name mapper, which sends a Hub id such as meta-llama/Llama-3.1-8B to Unsloth's
+  mirror (unsloth/Llama-3.1-8B): `_merging_from` points it at the configured base on disk.
 """
 
 from __future__ import annotations
@@ -137,6 +139,28 @@ def _cpu_merge_dtype(model: Any, requested: str) -> Iterator[bool]:
         yield True
     finally:
         loader.cpu_bf16_supported = original
+
+
+@contextlib.contextmanager
+def _merging_from(model: Any, base_folder: Path | None) -> Iterator[None]:
+    """Make Unsloth's merge read the configured base from `base_folder` for one call.
+
+    On a GPU the merge looks the base up by `model.config._name_or_path` (a Hub id after a
+    Hub load) through `get_model_name(..., load_in_4bit=False)`, whose table maps e.g.
+    meta-llama/Llama-3.1-8B to Unsloth's own copy, unsloth/Llama-3.1-8B: another repo, a second
+    16 GB download not counted by the preflight, and a failure offline. A local folder is taken
+    as is ("Detected local model directory"), so it merges into the weights that were trained.
+    """
+    config = getattr(model, "config", None)
+    if base_folder is None or config is None:
+        yield
+        return
+    saved = config._name_or_path
+    config._name_or_path = str(base_folder)
+    try:
+        yield
+    finally:
+        config._name_or_path = saved
 
 
 @contextlib.contextmanager
@@ -269,17 +293,19 @@ class UnslothBackend:
     ) -> dict[str, Any]:
         """model.save_pretrained_merged(..., "merged_16bit") into a staging folder, renamed in."""
         from llm_finetune.fsutil import atomic_dir
-        from llm_finetune.merge import align_eos_in_folder
+        from llm_finetune.merge import align_eos_in_folder, resolve_base_folder
 
         self.check_config(config)
         saver = saver_module(model)
         on_cpu = saver == CPU_SAVER_MODULE
         model_dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
         kwargs: dict[str, Any] = {}
+        base_folder = None
         if not on_cpu:
             # unsloth/save.py: the default safe_serialization=True turns into a pickle on hosts
             # with <= 2 physical CPUs; None pins safetensors (GPU path, untested here).
             kwargs["safe_serialization"] = None
+            base_folder = resolve_base_folder(base_path, config.model.revision)
         output_dir = Path(output_dir)
         with atomic_dir(
             output_dir, overwrite=config.overwrite, what="merged model folder"
@@ -287,6 +313,7 @@ class UnslothBackend:
             with (
                 _cpu_merge_dtype(model, config.merge.dtype) as overridden,
                 _right_padding(tokenizer),
+                _merging_from(model, base_folder),
             ):
                 model.save_pretrained_merged(
                     str(stage), tokenizer, save_method="merged_16bit", **kwargs
@@ -303,7 +330,10 @@ class UnslothBackend:
                 f"merge_and_unload on a deep copy"
             )
         else:
-            merged_from = f"the original 16-bit base weights of {base_path}, re-read shard by shard"
+            merged_from = (
+                f"the original 16-bit base weights of {base_path}, re-read shard by shard "
+                f"from {base_folder}"
+            )
         facts: dict[str, Any] = {
             "backend": "unsloth",
             "unsloth_version": getattr(sys.modules.get("unsloth"), "__version__", None),
@@ -322,6 +352,7 @@ class UnslothBackend:
             or (not quantized and model_dtype in ("float32", "bfloat16")),
             "cpu_dtype_override": overridden,
             "eos_fixes": eos_fixes,
+            "base_folder": str(base_folder) if base_folder else None,  # what the GPU merge read
         }
         if stored and stored != [config.merge.dtype]:
             facts["note"] = (
@@ -396,6 +427,7 @@ def push_merged(
     merge_dtype: str = "bfloat16",
     readme: Path | None = None,
     staging: Path | None = None,
+    base_folder: Path | None = None,
 ) -> dict[str, Any]:
     """`model.push_to_hub_merged(repo_id, tokenizer, save_method="merged_16bit", ...)`.
 
@@ -406,8 +438,9 @@ def push_merged(
     shard to main as "(Trained with Unsloth)". `endpoint`: the Hub to push to; None means
     huggingface_hub's (HF_ENDPOINT as read at import). `readme`: a model card uploaded
     afterwards over Unsloth's. `staging`: where the push may write its temporary copy of the
-    merged model (None: the system's temporary folder). Returns the branch's files and commits
-    after the push (read back from the endpoint).
+    merged model (None: the system's temporary folder). `base_folder`: the base on disk that a
+    GPU push merges into (`save_merged`'s `base_folder`; see `_merging_from`). Returns the
+    branch's files and commits after the push (read back from the endpoint).
     """
     if not token:
         raise UserError("no Hub token found: export HF_TOKEN=<token> or run `hf auth login`")
@@ -438,7 +471,11 @@ def push_merged(
         _temporary_files_in(staging),
     ):
         try:
-            with _cpu_merge_dtype(model, merge_dtype), _right_padding(tokenizer):
+            with (
+                _cpu_merge_dtype(model, merge_dtype),
+                _right_padding(tokenizer),
+                _merging_from(model, base_folder),
+            ):
                 model.push_to_hub_merged(
                     repo_id,
                     tokenizer,
