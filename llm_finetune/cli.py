@@ -96,22 +96,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from llm_finetune.publish import (
-        preflight,
-        publish_adapter,
-        publish_folder,
-        resolve_endpoint,
-        resolve_token,
-    )
+    from llm_finetune.hub import preflight, resolve_endpoint, resolve_token
+    from llm_finetune.publish import publish
 
     endpoint = resolve_endpoint(args.endpoint)
     token = resolve_token()
     preflight(args.repo_id, endpoint, token, args.private)
-    folder = Path(args.folder)
-    is_adapter = (folder / "adapter_config.json").is_file() and not (
-        folder / "config.json"
-    ).is_file()
-    report = (publish_adapter if is_adapter else publish_folder)(
+    report = publish(
         Path(args.folder),
         args.repo_id,
         endpoint,

@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from llm_finetune.errors import UserError
-from llm_finetune.publish import is_loopback
+from llm_finetune.hub import is_loopback
 
 
 def generate_from_hub(

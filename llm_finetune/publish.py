@@ -1,39 +1,42 @@
-"""Publishing: preflight before training, a model card, one commit with the whole model.
+"""Publishing: a model or adapter folder as one verified commit on a Hub branch.
 
 A publish either lands the whole folder in one commit on the branch, checked file by file
 against what the server lists afterwards, or leaves the branch as it was: the Hub applies a
 commit atomically, and LFS objects uploaded by an interrupted attempt are only ever referenced
 by a later complete commit. Transient failures (5xx, timeouts, dropped connections) are retried
 with bounded exponential backoff around the whole upload; each retry asks the server what it
-already has, so only missing LFS objects are sent again.
-
-The token comes from `HF_TOKEN` or huggingface_hub's login cache (or, for the embedded local
-server, from memory) and is passed to the client only: it is never printed, logged, written
-to a file or put into an error message (messages are scrubbed of it as a last line of defence).
+already has, so only missing LFS objects are sent again. The token goes to the client only and
+is scrubbed from every message (see llm_finetune.hub).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import logging
 import os
 import shlex
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from llm_finetune.errors import UserError, first_line
+from llm_finetune.hub import (
+    DEFAULT_ENDPOINT,
+    RetryPolicy,
+    client_backoff,
+    client_timeout,
+    explain_http_error,
+    hub_api,
+    hub_client_settings,
+    redact,
+    require_token,
+)
 from llm_finetune.manifest import MANIFEST, check_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
-WRITE_ROLES = {"admin", "write", "contributor"}
 # Files up to this size are read into memory once: the bytes that were checked are the bytes
 # sent. Larger files are always LFS on the Hub, whose content is addressed by the sha256 we send.
 IN_MEMORY_MAX = 10 << 20
@@ -69,17 +72,6 @@ REQUIRED_FILE: dict[str, str] = {"model": "config.json", "adapter": "adapter_con
 
 
 @dataclass
-class PreflightReport:
-    endpoint: str
-    user: str
-    repo_id: str
-    repo_existed: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class PublishReport:
     repo_id: str
     endpoint: str
@@ -97,290 +89,6 @@ class PublishReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How much a flaky Hub may cost: a bounded number of whole-upload attempts.
-
-    Waits double from `first_wait` up to `max_wait` (1, 2, 4 s by default: at most 4 attempts).
-    Inside an attempt the client retries a failed LFS/preupload request `client_retries` times
-    (same waits) before the attempt fails, so one blip on one shard costs one request, and a
-    persistent failure sends each file at most attempts * (client_retries + 1) times.
-    `timeout` bounds each wait for the server (connect, each read, each write), so a stalled
-    connection becomes a retry instead of a hang; None keeps the client's default (no limit).
-    """
-
-    attempts: int = 4
-    first_wait: float = 1.0
-    max_wait: float = 8.0
-    timeout: float | None = 120.0
-    client_retries: int = 1
-
-    def wait(self, failed_attempt: int) -> float:
-        """Seconds to sleep after attempt number `failed_attempt` (1-based) failed."""
-        return min(self.max_wait, self.first_wait * 2 ** (failed_attempt - 1))
-
-
-def resolve_endpoint(endpoint: str | None) -> str:
-    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-def is_loopback(endpoint: str) -> bool:
-    return urlparse(endpoint).hostname in {"127.0.0.1", "localhost", "::1"}
-
-
-def resolve_token() -> str | None:
-    """HF_TOKEN, else the token `hf auth login` stored; never a token from the config."""
-    from huggingface_hub import get_token
-
-    return get_token()
-
-
-@contextlib.contextmanager
-def hub_client_settings(endpoint: str) -> Iterator[None]:
-    """Client settings for one endpoint, restored afterwards.
-
-    A loopback endpoint is this machine, not the Hub: HF_HUB_OFFLINE does not forbid it, and it
-    speaks the plain LFS protocol rather than Xet. huggingface_hub reads both from module
-    constants at call time.
-    """
-    from huggingface_hub import constants
-
-    if not is_loopback(endpoint):
-        yield
-        return
-    saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET)
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
-
-
-@contextlib.contextmanager
-def client_timeout(seconds: float | None) -> Iterator[None]:
-    """Give the client's shared HTTP session a timeout, restored afterwards.
-
-    huggingface_hub 1.x creates its httpx client with `timeout=None` and passes no timeout on
-    uploads, commits or listings, so a stalled server would hang a publish forever. The client
-    is rebuilt by its factory after some errors, so the timeout goes into the factory.
-    """
-    if seconds is None:
-        yield
-        return
-    import httpx
-    from huggingface_hub.utils import _http, set_client_factory
-
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
-
-    def factory() -> httpx.Client:
-        client = previous()
-        client.timeout = httpx.Timeout(seconds)
-        return client
-
-    set_client_factory(factory)
-    try:
-        yield
-    finally:
-        set_client_factory(previous)
-
-
-@contextlib.contextmanager
-def client_backoff(retries: int, first_wait: float, max_wait: float) -> Iterator[None]:
-    """Bound the client's own per-request retries (LFS batch, PUT, verify, preupload).
-
-    By default each of those requests is tried 6 times (waits 1..8 s) inside every one of our
-    attempts: nested, a persistent 503 would send each shard 24 times over minutes. Here they
-    follow our policy instead. The defaults of `http_backoff` are the only knob the client has;
-    if a future client changes them, its own behaviour is kept.
-    """
-    from huggingface_hub.utils import _http
-
-    defaults = getattr(_http.http_backoff, "__kwdefaults__", None) or {}
-    keys = ("max_retries", "base_wait_time", "max_wait_time")
-    if not all(key in defaults for key in keys):
-        yield
-        return
-    saved = {key: defaults[key] for key in keys}
-    defaults.update(max_retries=retries, base_wait_time=first_wait, max_wait_time=max_wait)
-    try:
-        yield
-    finally:
-        defaults.update(saved)
-
-
-def redact(text: str, token: str | None) -> str:
-    """The text with the token replaced: a last line of defence for messages and logs.
-
-    Real tokens are long; a very short test token would only mangle ordinary words.
-    """
-    return text.replace(token, "<token>") if token and len(token) >= 8 else text
-
-
-def _explain_http_error(exc: Exception, endpoint: str, repo_id: str) -> UserError:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status == 401:
-        return UserError(
-            f"the Hub token was rejected by {endpoint} (401): create a token with write access "
-            "at https://huggingface.co/settings/tokens and export HF_TOKEN=<token>"
-        )
-    if status == 403:
-        return UserError(
-            f"the token may not write to {repo_id!r} on {endpoint} (403): use a token with "
-            "write access to that namespace, or change publish.repo_id"
-        )
-    if status == 404:
-        return UserError(
-            f"{repo_id!r} or its revision was not found on {endpoint} (404): check publish.repo_id "
-            "and publish.revision, and that the token can see the repo"
-        )
-    reason = first_line(exc)
-    return UserError(f"the Hub at {endpoint} failed for {repo_id!r}: {reason}")
-
-
-def _api(endpoint: str, token: str) -> Any:
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=endpoint, token=token, library_name="llm-finetune")
-
-
-def check_namespace(whoami: dict[str, Any], repo_id: str) -> None:
-    """The namespace must be the token's user or an organisation it can write to."""
-    namespace = repo_id.split("/", 1)[0]
-    user = whoami.get("name", "?")
-    access = (whoami.get("auth") or {}).get("accessToken") or {}
-    if access.get("role") == "read":
-        raise UserError(
-            f"the token of {user!r} is read-only: create a token with write access at "
-            "https://huggingface.co/settings/tokens and export HF_TOKEN=<token>"
-        )
-    if namespace == user:
-        return
-    orgs = {o.get("name"): o.get("roleInOrg") for o in whoami.get("orgs") or []}
-    if namespace not in orgs:
-        raise UserError(
-            f"publish.repo_id {repo_id!r}: the token belongs to {user!r}, who is not a member of "
-            f"{namespace!r}; use {user}/<name> or an organisation of {sorted(orgs) or 'none'}"
-        )
-    if orgs[namespace] and orgs[namespace] not in WRITE_ROLES:
-        raise UserError(
-            f"publish.repo_id {repo_id!r}: {user!r} has role {orgs[namespace]!r} in {namespace!r}, "
-            "which cannot write; ask an admin for write access"
-        )
-
-
-def preflight(repo_id: str, endpoint: str, token: str | None, private: bool) -> PreflightReport:
-    """Check everything publishing needs before any training: a bad token costs seconds."""
-    if not token:
-        raise UserError(
-            "publishing is enabled but no Hub token was found: export HF_TOKEN=<token> or run "
-            "`hf auth login` (or set publish.enabled: false)"
-        )
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = _api(endpoint, token)
-    with hub_client_settings(endpoint):
-        try:
-            whoami = api.whoami()
-            check_namespace(whoami, repo_id)
-            existed = api.repo_exists(repo_id)
-            if not existed:
-                api.create_repo(repo_id, private=private, exist_ok=True)
-        except HfHubHTTPError as exc:
-            raise _explain_http_error(exc, endpoint, repo_id) from None
-        except OSError as exc:
-            raise UserError(f"cannot reach the Hub at {endpoint}: {exc}") from None
-    return PreflightReport(endpoint, whoami.get("name", "?"), repo_id, existed)
-
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-{{ model_name }} is **{{ base_model_text }}** fine-tuned with LoRA ({{ method }}) by
-[llm-finetune](https://github.com/), then merged into the base weights and saved in
-**{{ dtype }}** ("merged_16bit"), so it loads with plain transformers, without peft.
-
-## Usage
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
-tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
-prompt = {{ usage_prompt }}
-inputs = tokenizer(prompt, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64)
-print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
-## Training
-
-| | |
-|---|---|
-{% for key, value in training_rows %}| {{ key }} | {{ value }} |
-{% endfor %}
-
-## Results
-
-| metric | value |
-|---|---|
-{% for key, value in metric_rows %}| {{ key }} | {{ value }} |
-{% endfor %}
-"""
-
-
-def looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and ":" not in name
-
-
-def write_model_card(
-    folder: Path,
-    *,
-    repo_id: str,
-    base_model: str,
-    datasets: list[str],
-    method: str,
-    dtype: str,
-    license: str | None,
-    tags: list[str],
-    training_rows: list[tuple[str, Any]],
-    metric_rows: list[tuple[str, Any]],
-    usage_prompt: str,
-) -> Path:
-    """README.md with Hub metadata (base_model, datasets, tags, license) and the run's facts."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    hub_base = (
-        base_model if looks_like_hub_id(base_model) and not Path(base_model).exists() else None
-    )
-    data = ModelCardData(
-        base_model=hub_base,
-        datasets=[d for d in datasets if looks_like_hub_id(d) and not Path(d).exists()] or None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license=license,
-        tags=["llm-finetune", "lora", method, "merged_16bit", *tags],
-        model_name=repo_id.split("/")[-1],
-    )
-    card = ModelCard.from_template(
-        data,
-        template_str=CARD_TEMPLATE,
-        model_name=repo_id.split("/")[-1],
-        base_model_text=base_model,
-        repo_id=repo_id,
-        method=method.upper(),
-        dtype=dtype,
-        usage_prompt=repr(usage_prompt),
-        training_rows=training_rows,
-        metric_rows=metric_rows,
-    )
-    path = Path(folder) / "README.md"
-    card.save(path)
-    return path
 
 
 @dataclass
@@ -534,7 +242,7 @@ def _transient_or_error(
         status = getattr(exc.response, "status_code", None)
         if status is None or status >= 500 or status in TRANSIENT_STATUSES:
             return None
-        return _explain_http_error(exc, endpoint, repo_id)
+        return explain_http_error(exc, endpoint, repo_id)
     if isinstance(exc, OfflineModeIsEnabled):
         return UserError(f"HF_HUB_OFFLINE is set: unset it to publish to {endpoint}")
     if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
@@ -634,30 +342,44 @@ def _attempt(
     return _Outcome(info.oid, info.oid != head, readme_kept, stale, published, unchanged)
 
 
-def _publish(
+def folder_kind(folder: Path) -> FolderKind:
+    """An adapter folder has adapter_config.json and no config.json; anything else is a model."""
+    folder = Path(folder)
+    is_adapter = (folder / "adapter_config.json").is_file()
+    return "adapter" if is_adapter and not (folder / "config.json").is_file() else "model"
+
+
+def publish(
     folder: Path,
     repo_id: str,
     endpoint: str,
     token: str | None,
     *,
-    kind: FolderKind,
-    private: bool,
-    revision: str,
-    commit_message: str | None,
-    replace_readme: bool,
-    retry: RetryPolicy | None,
+    kind: FolderKind | None = None,
+    private: bool = False,
+    revision: str = "main",
+    commit_message: str | None = None,
+    replace_readme: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> PublishReport:
+    """Publish a model folder (config.json, weights, tokenizer) or a LoRA adapter folder
+    (adapter_config.json, weights) as one verified commit.
+
+    `kind`: what the folder must be; None takes it from the folder (see `folder_kind`). The
+    folder's manifest, if any, is checked first; transient failures are retried per `retry`;
+    an existing README.md at `revision` is kept unless `replace_readme`.
+    """
     folder = Path(folder)
+    kind = kind or folder_kind(folder)
     required = REQUIRED_FILE[kind]
     if not (folder / required).is_file():
         what = "a model folder" if kind == "model" else "a LoRA adapter folder"
         raise UserError(f"{str(folder)!r} is not {what} (no {required}): nothing to publish")
-    if not token:
-        raise UserError("no Hub token found: export HF_TOKEN=<token> or run `hf auth login`")
+    token = require_token(token)
     files = local_files(folder)  # the manifest check: before anything is sent
     policy = retry or RetryPolicy()
     message = commit_message or f"Upload {folder.name} with llm-finetune"
-    api = _api(endpoint, token)
+    api = hub_api(endpoint, token)
     outcome, remote, last = None, {}, ""
     attempt = 0
     with (
@@ -728,65 +450,4 @@ def _publish(
         unchanged=outcome.unchanged,
         attempts=attempt,
         kind=kind,
-    )
-
-
-def publish_folder(
-    folder: Path,
-    repo_id: str,
-    endpoint: str,
-    token: str | None,
-    *,
-    private: bool = False,
-    revision: str = "main",
-    commit_message: str | None = None,
-    replace_readme: bool = False,
-    retry: RetryPolicy | None = None,
-) -> PublishReport:
-    """Publish a model folder (config.json, weights, tokenizer) as one verified commit.
-
-    The folder's manifest, if any, is checked first; transient failures are retried per
-    `retry`; an existing README.md at `revision` is kept unless `replace_readme`.
-    """
-    return _publish(
-        folder,
-        repo_id,
-        endpoint,
-        token,
-        kind="model",
-        private=private,
-        revision=revision,
-        commit_message=commit_message,
-        replace_readme=replace_readme,
-        retry=retry,
-    )
-
-
-def publish_adapter(
-    folder: Path,
-    repo_id: str,
-    endpoint: str,
-    token: str | None,
-    *,
-    private: bool = False,
-    revision: str = "main",
-    commit_message: str | None = None,
-    replace_readme: bool = False,
-    retry: RetryPolicy | None = None,
-) -> PublishReport:
-    """Publish a LoRA adapter folder (adapter_config.json + weights) to its own repo.
-
-    The same path as `publish_folder`: manifest check, one verified commit, retries.
-    """
-    return _publish(
-        folder,
-        repo_id,
-        endpoint,
-        token,
-        kind="adapter",
-        private=private,
-        revision=revision,
-        commit_message=commit_message,
-        replace_readme=replace_readme,
-        retry=retry,
     )

@@ -219,14 +219,15 @@ def test_a_hub_base_not_in_the_cache_counts_its_download_in_the_disk_check(
 
     from llm_finetune import pipeline
     from llm_finetune.errors import UserError
-    from llm_finetune.publish import hub_client_settings, publish_folder
+    from llm_finetune.hub import hub_client_settings
+    from llm_finetune.publish import publish
 
     def weights_on_the_hub() -> pipeline.BaseWeights | None:
         with monkeypatch.context() as hub_default, hub_client_settings(hub.url):
             hub_default.setattr(constants, "ENDPOINT", hub.url)  # HfApi()'s default endpoint
             return pipeline.base_weights("alice/base", None)
 
-    publish_folder(Path(tiny_base), "alice/base", hub.url, GOOD_TOKEN)
+    publish(Path(tiny_base), "alice/base", hub.url, GOOD_TOKEN)
     (tmp_path / "hub-cache").mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     size = (Path(tiny_base) / "model.safetensors").stat().st_size

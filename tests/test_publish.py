@@ -4,40 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from llm_finetune.card import write_model_card
 from llm_finetune.errors import UserError
-from llm_finetune.publish import (
-    hub_client_settings,
-    preflight,
-    publish_folder,
-    write_model_card,
-)
-from tests.conftest import GOOD_TOKEN, READ_TOKEN
-
-
-def test_preflight_rejects_a_bad_token_without_showing_it(hub):
-    bad = "hf_this_token_is_wrong_123456"
-    with pytest.raises(UserError, match="401") as caught:
-        preflight("alice/model", hub.url, bad, private=False)
-    assert bad not in str(caught.value)
-    assert "\n" not in str(caught.value)
-
-
-def test_preflight_needs_a_token(hub):
-    with pytest.raises(UserError, match="no Hub token"):
-        preflight("alice/model", hub.url, None, private=False)
-
-
-def test_preflight_checks_the_namespace(hub):
-    with pytest.raises(UserError, match="not a member of 'someone-else'"):
-        preflight("someone-else/model", hub.url, GOOD_TOKEN, private=False)
-    with pytest.raises(UserError, match="read-only"):
-        preflight("bob/model", hub.url, READ_TOKEN, private=False)
-
-
-def test_preflight_creates_the_repo_or_finds_it(hub):
-    first = preflight("team/model", hub.url, GOOD_TOKEN, private=True)
-    assert (first.user, first.repo_existed) == ("alice", False)
-    assert preflight("team/model", hub.url, GOOD_TOKEN, private=True).repo_existed
+from llm_finetune.hub import hub_client_settings
+from llm_finetune.publish import publish
+from tests.conftest import GOOD_TOKEN
 
 
 def _card(folder, **overrides):
@@ -62,13 +33,14 @@ def test_publish_lands_every_file_in_one_commit_with_a_parseable_card(
 ):
     from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
+    from llm_finetune import __version__
     from llm_finetune.merge import merge
 
     _, base, adapter, _ = trained_adapter
     folder = tmp_path / "merged"
     merge(base, adapter, folder)
     _card(folder)
-    report = publish_folder(folder, "alice/tiny-merged", hub.url, GOOD_TOKEN, revision="main")
+    report = publish(folder, "alice/tiny-merged", hub.url, GOOD_TOKEN, revision="main")
 
     assert set(report.files) >= {"README.md", "config.json", "model.safetensors", "tokenizer.json"}
     with hub_client_settings(hub.url):
@@ -90,13 +62,15 @@ def test_publish_lands_every_file_in_one_commit_with_a_parseable_card(
     assert 'AutoModelForCausalLM.from_pretrained("alice/tiny-merged")' in card.text
     assert "| learning rate | 0.0003 |" in card.text
     assert GOOD_TOKEN not in card.content
+    assert f"llm-finetune {__version__}, then merged" in card.text
+    assert "](https://github.com/)" not in card.text
 
 
 def test_publish_to_a_branch(hub, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    report = publish_folder(
+    report = publish(
         folder, "alice/branchy", hub.url, GOOD_TOKEN, revision="v1", commit_message="first cut"
     )
     assert report.revision == "v1" and report.url.endswith("/alice/branchy/tree/v1")
@@ -104,7 +78,7 @@ def test_publish_to_a_branch(hub, tmp_path):
 
 def test_publish_refuses_a_folder_without_a_model(hub, tmp_path):
     with pytest.raises(UserError, match="not a model folder"):
-        publish_folder(tmp_path, "alice/empty", hub.url, GOOD_TOKEN)
+        publish(tmp_path, "alice/empty", hub.url, GOOD_TOKEN)
 
 
 # -- one verified commit: README, stale files, no-op re-runs, adapters, the manifest
@@ -148,31 +122,29 @@ def test_an_existing_readme_is_kept_unless_replace_readme(hub, tmp_path):
         _api(hub).upload_file(
             path_or_fileobj=b"# theirs\n", path_in_repo="README.md", repo_id="alice/carded"
         )
-    kept = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN)
+    kept = publish(folder, "alice/carded", hub.url, GOOD_TOKEN)
     assert kept.readme_kept and "README.md" not in kept.files
     assert _remote_text(hub, "alice/carded", "README.md") == "# theirs\n"
 
-    replaced = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN, replace_readme=True)
+    replaced = publish(folder, "alice/carded", hub.url, GOOD_TOKEN, replace_readme=True)
     assert not replaced.readme_kept and "README.md" in replaced.files
     # Only the card changed: the rest was on the branch already, with the same content.
     assert replaced.unchanged == sorted(set(replaced.files) - {"README.md"})
     assert _remote_text(hub, "alice/carded", "README.md") == "# ours\n"
-    again = publish_folder(folder, "alice/carded", hub.url, GOOD_TOKEN)  # ours is there now
+    again = publish(folder, "alice/carded", hub.url, GOOD_TOKEN)  # ours is there now
     assert not again.readme_kept and not again.committed
 
 
 def test_republishing_replaces_stale_weights_in_the_same_commit(hub, tmp_path):
     """A sharded v2 over a single-file v1: the old model.safetensors would shadow the shards
     (transformers loads it first), so it goes in the same commit; other files stay."""
-    publish_folder(_small_model(tmp_path / "v1"), "alice/evolving", hub.url, GOOD_TOKEN)
+    publish(_small_model(tmp_path / "v1"), "alice/evolving", hub.url, GOOD_TOKEN)
     with hub_client_settings(hub.url):
         _api(hub).upload_file(
             path_or_fileobj=b"png", path_in_repo="images/plot.png", repo_id="alice/evolving"
         )
         before = len(_api(hub).list_repo_commits("alice/evolving"))
-    report = publish_folder(
-        _small_model(tmp_path / "v2", shards=2), "alice/evolving", hub.url, GOOD_TOKEN
-    )
+    report = publish(_small_model(tmp_path / "v2", shards=2), "alice/evolving", hub.url, GOOD_TOKEN)
     assert report.deleted == ["model.safetensors"] and report.committed
     with hub_client_settings(hub.url):
         remote = set(_api(hub).list_repo_files("alice/evolving"))
@@ -183,8 +155,8 @@ def test_republishing_replaces_stale_weights_in_the_same_commit(hub, tmp_path):
 
 def test_republishing_the_same_folder_makes_no_commit(hub, tmp_path):
     folder = _small_model(tmp_path / "m")
-    first = publish_folder(folder, "alice/same", hub.url, GOOD_TOKEN)
-    second = publish_folder(folder, "alice/same", hub.url, GOOD_TOKEN)
+    first = publish(folder, "alice/same", hub.url, GOOD_TOKEN)
+    second = publish(folder, "alice/same", hub.url, GOOD_TOKEN)
     assert first.committed and not second.committed and second.commit == first.commit
     assert first.unchanged == [] and second.unchanged == second.files
 
@@ -194,30 +166,40 @@ def test_the_manifest_is_checked_and_never_uploaded(hub, tmp_path):
 
     folder = _small_model(tmp_path / "m")
     write_manifest(folder, "merge", "inputs")
-    report = publish_folder(folder, "alice/manifested", hub.url, GOOD_TOKEN)
+    report = publish(folder, "alice/manifested", hub.url, GOOD_TOKEN)
     with hub_client_settings(hub.url):
         remote = _api(hub).list_repo_files("alice/manifested")
     assert MANIFEST not in report.files and MANIFEST not in remote
     (folder / "extra.txt").write_text("added after the merge was verified")
     with pytest.raises(UserError, match="extra.txt"):
-        publish_folder(folder, "alice/manifested", hub.url, GOOD_TOKEN)
+        publish(folder, "alice/manifested", hub.url, GOOD_TOKEN)
 
 
 def test_publish_adapter_to_its_own_repo(hub, tmp_path):
-    from llm_finetune.publish import publish_adapter
-
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
     (adapter / "adapter_model.safetensors").write_bytes(b"\x01" * 8192)
     (adapter / "README.md").write_text("# adapter\n")
-    report = publish_adapter(adapter, "alice/tiny-lora", hub.url, GOOD_TOKEN)
+    report = publish(adapter, "alice/tiny-lora", hub.url, GOOD_TOKEN, kind="adapter")
     assert report.kind == "adapter"
     assert set(report.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert publish(adapter, "alice/tiny-lora", hub.url, GOOD_TOKEN).kind == "adapter"  # detected
+    model = _small_model(tmp_path / "m")
     with pytest.raises(UserError, match="not a LoRA adapter folder"):
-        publish_adapter(_small_model(tmp_path / "m"), "alice/x", hub.url, GOOD_TOKEN)
+        publish(model, "alice/x", hub.url, GOOD_TOKEN, kind="adapter")
     with pytest.raises(UserError, match="not a model folder"):
-        publish_folder(adapter, "alice/x", hub.url, GOOD_TOKEN)
+        publish(adapter, "alice/x", hub.url, GOOD_TOKEN, kind="model")
+
+
+def test_the_folder_kind_is_read_from_its_files(tmp_path):
+    from llm_finetune.publish import folder_kind
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert folder_kind(tmp_path) == "adapter"
+    (tmp_path / "config.json").write_text("{}")  # a model folder that also holds an adapter
+    assert folder_kind(tmp_path) == "model"
+    assert folder_kind(tmp_path / "empty") == "model"  # refused by publish: no config.json
 
 
 def test_remote_differences_names_every_mismatch(tmp_path):
@@ -275,12 +257,13 @@ def test_a_server_listing_other_content_fails_the_publish(hub, tmp_path, monkeyp
 
     monkeypatch.setattr(HfApi, "list_repo_tree", truncated)
     with pytest.raises(UserError, match="model.safetensors has 4095 bytes, not 4096") as caught:
-        publish_folder(_small_model(tmp_path / "m"), "alice/liar", hub.url, GOOD_TOKEN)
+        publish(_small_model(tmp_path / "m"), "alice/liar", hub.url, GOOD_TOKEN)
     assert "llm-finetune publish --folder" in str(caught.value)
 
 
 def test_rerun_command_is_exact_and_quoted(tmp_path):
-    from llm_finetune.publish import DEFAULT_ENDPOINT, rerun_command
+    from llm_finetune.hub import DEFAULT_ENDPOINT
+    from llm_finetune.publish import rerun_command
 
     folder = tmp_path / "my model"
     assert rerun_command(folder, "you/m", DEFAULT_ENDPOINT) == (

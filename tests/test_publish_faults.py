@@ -25,9 +25,10 @@ import pytest
 from huggingface_hub import HfApi
 
 from llm_finetune.errors import UserError
+from llm_finetune.hub import RetryPolicy, hub_client_settings
 from llm_finetune.hub_server import HubServer, HubUser
 from llm_finetune.manifest import MANIFEST, write_manifest
-from llm_finetune.publish import RetryPolicy, hub_client_settings, publish_folder
+from llm_finetune.publish import publish
 from tests.conftest import REPO_ROOT
 
 TOKEN = "hf_faults_writer_0123456789abcdef"
@@ -146,7 +147,7 @@ def test_a_file_changed_after_verification_is_never_sent(server: HubServer, tmp_
     with open(folder / "model-00002-of-00003.safetensors", "r+b") as f:
         f.write(b"\x00")  # same size, different content
     with pytest.raises(UserError, match=r"changed.*model-00002-of-00003"):
-        publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+        publish(folder, REPO, server.url, TOKEN, retry=FAST)
     assert server.stats["requests"] == 0  # refused before any request
 
 
@@ -167,7 +168,7 @@ def test_a_file_touched_during_the_upload_is_not_committed(server: HubServer, tm
     with ThreadPoolExecutor(max_workers=1) as pool:
         toucher = pool.submit(touch_then_release)
         with pytest.raises(UserError, match=r"changed after it was checked.*00001-of-00003"):
-            publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+            publish(folder, REPO, server.url, TOKEN, retry=FAST)
         toucher.result()
     assert server.stats["commits"] == 0 and sorted(tree(server, REPO)) == [".gitattributes"]
 
@@ -187,7 +188,7 @@ def test_transient_5xx_is_retried(server: HubServer, tmp_path: Path, where: str,
     else:  # the client never retries a commit (a lost reply could duplicate it): we do
         rule = server.inject("status", method="POST", path=COMMIT, status=status)
 
-    report = publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+    report = publish(folder, REPO, server.url, TOKEN, retry=FAST)
 
     assert rule.claimed == 1
     assert report.attempts == (1 if where == "put" else 2)
@@ -209,7 +210,7 @@ def test_dropped_connections_are_retried(server: HubServer, tmp_path: Path, wher
     else:  # the commit lands but its reply is lost: the retry must not commit twice
         server.inject("lose_reply", method="POST", path=COMMIT)
 
-    report = publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+    report = publish(folder, REPO, server.url, TOKEN, retry=FAST)
 
     assert report.attempts == (1 if where == "put" else 2)
     assert put_bytes(server) - LFS_TOTAL == (1 << 20 if where == "put" else 0)
@@ -231,7 +232,7 @@ def test_a_stall_times_out_and_is_retried(server: HubServer, tmp_path: Path, whe
         rule = server.inject("stall", method="POST", path=COMMIT, seconds=2.5)
     policy = RetryPolicy(attempts=3, first_wait=0.05, max_wait=0.1, timeout=1.0)
 
-    report = publish_folder(folder, REPO, server.url, TOKEN, retry=policy)
+    report = publish(folder, REPO, server.url, TOKEN, retry=policy)
 
     assert rule.fired.is_set()
     if where == "put":
@@ -262,7 +263,7 @@ def test_persistent_503_gives_up_with_the_command_to_resume(
     )
 
     with pytest.raises(UserError) as caught:
-        publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+        publish(folder, REPO, server.url, TOKEN, retry=FAST)
 
     message = str(caught.value)
     assert "\n" not in message and TOKEN not in message
@@ -275,7 +276,7 @@ def test_persistent_503_gives_up_with_the_command_to_resume(
 
     server.clear_faults()  # the Hub is back: the re-run sends only what it lacks
     before = put_bytes(server)
-    publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+    publish(folder, REPO, server.url, TOKEN, retry=FAST)
     assert put_bytes(server) - before == (LFS_TOTAL if where == "put" else 0)
     assert_holds_exactly(server, REPO, folder)
 
@@ -292,7 +293,7 @@ def test_auth_and_missing_repo_errors_fail_at_once(
     rule = server.inject("status", path=path, status=status, times=None)
 
     with pytest.raises(UserError, match=f"\\({status}\\)") as caught:
-        publish_folder(folder, REPO, server.url, TOKEN, retry=FAST)
+        publish(folder, REPO, server.url, TOKEN, retry=FAST)
 
     assert rule.claimed == 1  # no retry: neither ours nor the client's
     assert "\n" not in str(caught.value) and TOKEN not in str(caught.value)
@@ -316,7 +317,7 @@ def test_kill_9_then_rerun(server: HubServer, tmp_path: Path, point: str):
     action, method, path, after_bytes, previous = KILL_POINTS[point]
     old, new = make_model(tmp_path, "v1", seed=1), make_model(tmp_path, "v2", seed=2)
     if previous:
-        publish_folder(old, REPO, server.url, TOKEN, retry=FAST)
+        publish(old, REPO, server.url, TOKEN, retry=FAST)
     else:
         with hub_client_settings(server.url):
             HfApi(endpoint=server.url, token=TOKEN).create_repo(REPO)
@@ -354,7 +355,7 @@ def test_kill_9_then_rerun(server: HubServer, tmp_path: Path, point: str):
     missing = sum(size for oid, size in lfs_objects(new).items() if oid not in stored)
 
     sent_before = put_bytes(server)
-    report = publish_folder(new, REPO, server.url, TOKEN, retry=FAST)
+    report = publish(new, REPO, server.url, TOKEN, retry=FAST)
     resent = put_bytes(server) - sent_before
 
     assert resent == missing  # exactly the objects the server lacked, nothing it had
@@ -365,7 +366,7 @@ def test_kill_9_then_rerun(server: HubServer, tmp_path: Path, point: str):
     assert len(commits(server, REPO)) == len(history) + 1  # one commit, never two
     assert report.commit == commits(server, REPO)[0]
     assert_holds_exactly(server, REPO, new)
-    publish_folder(new, "alice/clean", server.url, TOKEN, retry=FAST)
+    publish(new, "alice/clean", server.url, TOKEN, retry=FAST)
     assert tree(server, REPO) == tree(server, "alice/clean")
 
 

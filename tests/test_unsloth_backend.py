@@ -408,8 +408,8 @@ def test_pushed_model_loads_with_plain_transformers(unsloth_run, tmp_path):
     from huggingface_hub import hf_hub_download, snapshot_download
     from transformers import AutoModelForCausalLM
 
+    from llm_finetune.hub import hub_client_settings
     from llm_finetune.loadback import load_back
-    from llm_finetune.publish import hub_client_settings
 
     with hub_client_settings(server.url):
         folder = snapshot_download(REPO_ID, endpoint=server.url, cache_dir=tmp_path / "cache")
@@ -433,7 +433,7 @@ def test_push_merged_can_replace_the_generic_card(unsloth_run, tmp_path):
     report, _, _, _, server = unsloth_run
     from huggingface_hub import hf_hub_download
 
-    from llm_finetune.publish import hub_client_settings
+    from llm_finetune.hub import hub_client_settings
 
     push = report["push_with_card"]
     assert [c["title"] for c in push["commits"]][:3] == [
@@ -452,7 +452,7 @@ def _branch(server, repo_id: str, revision: str) -> tuple[list[str], list[str]]:
     """(commit titles, files) of a branch on the test server."""
     from huggingface_hub import HfApi
 
-    from llm_finetune.publish import hub_client_settings
+    from llm_finetune.hub import hub_client_settings
 
     api = HfApi(endpoint=server.url, token=GOOD_TOKEN)
     with hub_client_settings(server.url):

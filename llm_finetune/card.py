@@ -1,0 +1,98 @@
+"""The model card: README.md with Hub metadata and the facts of the run that made the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llm_finetune import __version__
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ model_name }} is **{{ base_model_text }}** fine-tuned with LoRA ({{ method }}) by
+llm-finetune {{ version }}, then merged into the base weights and saved in
+**{{ dtype }}** ("merged_16bit"), so it loads with plain transformers, without peft.
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+prompt = {{ usage_prompt }}
+inputs = tokenizer(prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Training
+
+| | |
+|---|---|
+{% for key, value in training_rows %}| {{ key }} | {{ value }} |
+{% endfor %}
+
+## Results
+
+| metric | value |
+|---|---|
+{% for key, value in metric_rows %}| {{ key }} | {{ value }} |
+{% endfor %}
+"""
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id (namespace/name): only those go into the metadata."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and ":" not in name
+
+
+def write_model_card(
+    folder: Path,
+    *,
+    repo_id: str,
+    base_model: str,
+    datasets: list[str],
+    method: str,
+    dtype: str,
+    license: str | None,
+    tags: list[str],
+    training_rows: list[tuple[str, Any]],
+    metric_rows: list[tuple[str, Any]],
+    usage_prompt: str,
+) -> Path:
+    """README.md with Hub metadata (base_model, datasets, tags, license) and the run's facts."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_base = (
+        base_model if looks_like_hub_id(base_model) and not Path(base_model).exists() else None
+    )
+    data = ModelCardData(
+        base_model=hub_base,
+        datasets=[d for d in datasets if looks_like_hub_id(d) and not Path(d).exists()] or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        tags=["llm-finetune", "lora", method, "merged_16bit", *tags],
+        model_name=repo_id.split("/")[-1],
+    )
+    card = ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id.split("/")[-1],
+        base_model_text=base_model,
+        repo_id=repo_id,
+        version=__version__,
+        method=method.upper(),
+        dtype=dtype,
+        usage_prompt=repr(usage_prompt),
+        training_rows=training_rows,
+        metric_rows=metric_rows,
+    )
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
