@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/llm-finetune
 STAMP := $(VENV)/.installed
 UNSLOTH_STAMP := $(VENV)/.unsloth
-CONFIG ?= configs/tiny-demo.yaml
+CONFIG ?= configs/tiny-llama/sft.yaml
 # CPU machines get the CPU build of torch; a GPU box (nvidia-smi present) keeps PyPI's CUDA build.
 CPU_TORCH ?= torch==2.13.0
 # Several GPUs / nodes: NPROC=<processes in all> [NNODES=2 NODE_RANK=0 MAIN_ADDR=... MAIN_PORT=29500]
@@ -53,7 +53,7 @@ $(UNSLOTH_STAMP): $(STAMP) scripts/install_unsloth_cpu.sh
 	fi
 	touch $@
 
-## The main job: train -> adapter -> 16-bit merge -> verify -> publish (CONFIG=configs/<yours>.yaml)
+## The main job: train -> adapter -> 16-bit merge -> verify -> publish (CONFIG=configs/<model>/<method>.yaml)
 finetune-and-publish: $(STAMP)
 	$(RUN) run $(CONFIG) $(ARGS)
 

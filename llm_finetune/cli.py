@@ -1,9 +1,9 @@
 """`llm-finetune run|train|merge|verify|publish|validate|hub-server`.
 
 Examples:
-  llm-finetune validate configs/tiny-demo.yaml
-  llm-finetune run configs/tiny-demo.yaml training.max_steps=20
-  llm-finetune train configs/llama-3.1-8b-sft.yaml
+  llm-finetune validate configs/tiny-llama/sft.yaml
+  llm-finetune run configs/tiny-llama/sft.yaml training.max_steps=20
+  llm-finetune train configs/llama-3.1-8b/sft.yaml
   llm-finetune merge --base meta-llama/Llama-3.1-8B --adapter outputs/x/adapter --output merged
   llm-finetune verify --base meta-llama/Llama-3.1-8B --adapter outputs/x/adapter --merged merged
   llm-finetune publish --folder merged --repo-id you/model
@@ -29,7 +29,7 @@ from llm_finetune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config, e.g. configs/tiny-demo.yaml")
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny-llama/sft.yaml")
     parser.add_argument(
         "overrides", nargs="*", metavar="key.path=value", help="e.g. training.learning_rate=1e-4"
     )

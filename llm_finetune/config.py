@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llm_finetune.errors import UserError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-llama" / "sft.yaml"
 
 
 class _Strict(BaseModel):

@@ -71,6 +71,6 @@ cat <<'NEXT'
 Ready. Next:
   make finetune-and-publish    # a few minutes: the whole pipeline on this GPU (tiny model, local Hub)
   export HF_USERNAME=<your Hub name>
-  .venv/bin/llm-finetune validate configs/llama-3.1-8b-sft.yaml
-  make finetune-and-publish CONFIG=configs/llama-3.1-8b-sft.yaml
+  .venv/bin/llm-finetune validate configs/llama-3.1-8b/sft.yaml
+  make finetune-and-publish CONFIG=configs/llama-3.1-8b/sft.yaml
 NEXT

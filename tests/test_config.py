@@ -17,7 +17,10 @@ from llm_finetune.config import Config, load_config
 from llm_finetune.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+# configs/<model>/<method>.yaml; configs/accelerate/ holds accelerate's own configs.
+CONFIGS = sorted(
+    p for p in (REPO_ROOT / "configs").glob("*/*.yaml") if p.parent.name != "accelerate"
+)
 
 BASE: dict[str, Any] = {
     "run_name": "t",
@@ -64,14 +67,14 @@ def _subprocess_env() -> dict[str, str]:
 
 
 def test_configs_are_found() -> None:
-    assert {p.name for p in CONFIGS} >= {
-        "tiny-demo.yaml",
-        "llama-3.1-8b-sft.yaml",
-        "llama-3.1-8b-dpo.yaml",
+    assert {str(p.relative_to(REPO_ROOT / "configs")) for p in CONFIGS} >= {
+        "tiny-llama/sft.yaml",
+        "llama-3.1-8b/sft.yaml",
+        "llama-3.1-8b/dpo.yaml",
     }
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_USERNAME", "someone")
     config = load_config(path)
@@ -80,7 +83,7 @@ def test_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_tiny_demo_values() -> None:
-    config = load_config(REPO_ROOT / "configs" / "tiny-demo.yaml")
+    config = load_config(REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml")
     assert config.run_name == "tiny-demo"
     assert config.model.name == "builtin:tiny-llama"
     assert [d.path for d in config.data.datasets] == ["builtin:number-words"]
@@ -91,24 +94,24 @@ def test_tiny_demo_values() -> None:
 
 def test_handbook_configs_interpolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_USERNAME", "someone")
-    sft = load_config(REPO_ROOT / "configs" / "llama-3.1-8b-sft.yaml")
+    sft = load_config(REPO_ROOT / "configs" / "llama-3.1-8b" / "sft.yaml")
     assert sft.publish.repo_id == "someone/TwinLlama-3.1-8B"
     assert [d.path for d in sft.data.datasets] == [
         "mlabonne/FineTome-Alpaca-100k",
         "mlabonne/llmtwin",
     ]
     assert sft.training.learning_rate == 3e-4
-    dpo = load_config(REPO_ROOT / "configs" / "llama-3.1-8b-dpo.yaml")
+    dpo = load_config(REPO_ROOT / "configs" / "llama-3.1-8b" / "dpo.yaml")
     assert dpo.method == "dpo" and dpo.data.format == "dpo"
     assert dpo.model.name == "someone/TwinLlama-3.1-8B"
     assert dpo.publish.repo_id == "someone/TwinLlama-3.1-8B-DPO"
     monkeypatch.setenv("HF_DATASET_NAMESPACE", "me")
-    dpo = load_config(REPO_ROOT / "configs" / "llama-3.1-8b-dpo.yaml")
+    dpo = load_config(REPO_ROOT / "configs" / "llama-3.1-8b" / "dpo.yaml")
     assert dpo.data.datasets[0].path == "me/llmtwin-dpo"
 
 
 def test_handbook_config_without_hf_username() -> None:
-    message = error_of(REPO_ROOT / "configs" / "llama-3.1-8b-sft.yaml")
+    message = error_of(REPO_ROOT / "configs" / "llama-3.1-8b" / "sft.yaml")
     assert message == (
         "config error: publish.repo_id: environment variable HF_USERNAME is not set "
         "(export HF_USERNAME=... or write the value into the config)"
@@ -471,7 +474,7 @@ def test_cli_validate_reports_one_line(
 
 
 def test_cli_validate_ok_writes_nothing(tmp_path: Path) -> None:
-    config = REPO_ROOT / "configs" / "tiny-demo.yaml"
+    config = REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml"
     result = _cli_validate(tmp_path, str(config), "training.max_steps=5", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert result.stdout == (

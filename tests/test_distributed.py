@@ -21,7 +21,7 @@ from llm_finetune.errors import UserError
 from llm_finetune.safetensors_stream import read_header
 from tests.conftest import GOOD_TOKEN, REPO_ROOT, needs_unsloth
 
-DEMO = REPO_ROOT / "configs" / "tiny-demo.yaml"
+DEMO = REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml"
 ARGS = ["training.max_steps=10", "publish.enabled=false"]
 LAUNCH_ENV = (
     "WORLD_SIZE",

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import GOOD_TOKEN, REPO_ROOT
 
-DEMO = REPO_ROOT / "configs" / "tiny-demo.yaml"
+DEMO = REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml"
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-DEMO = REPO_ROOT / "configs" / "tiny-demo.yaml"
+DEMO = REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml"
 QUICK = ["publish.enabled=false", "overwrite=false", "training.max_steps=10"]
 
 

@@ -528,7 +528,7 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
             "-m",
             "llm_finetune.cli",
             "run",
-            str(REPO_ROOT / "configs" / "tiny-demo.yaml"),
+            str(REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml"),
             "backend=unsloth",
             f"output_dir={out}",
             "training.max_steps=40",
