@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_finetune import __version__
+
+if TYPE_CHECKING:
+    from llm_finetune.config import Config
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -49,6 +52,52 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 def looks_like_hub_id(name: str) -> bool:
     """Whether `name` reads as a Hub repo id (namespace/name): only those go into the metadata."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and ":" not in name
+
+
+def card_rows(
+    config: Config, base: str, backend: str, summary: dict[str, Any]
+) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The card's training table (from the config) and results table (from the run summary).
+
+    `base`: the resolved base (a local path shows the configured name instead); results the
+    run did not produce are left out.
+    """
+    t, lora = config.training, config.lora
+    training = [
+        ("base model", base if not base.startswith("/") else config.model.name),
+        ("method", config.method.upper()),
+        ("backend", backend),
+        ("datasets", ", ".join(d.path for d in config.data.datasets)),
+        ("data format", config.data.format),
+        ("LoRA r / alpha / dropout", f"{lora.r} / {lora.alpha} / {lora.dropout}"),
+        ("LoRA target modules", lora.target_modules),
+        ("rsLoRA", lora.use_rslora),
+        ("max_seq_length", config.model.max_seq_length),
+        ("learning rate", t.learning_rate),
+        ("epochs / max steps", f"{t.num_train_epochs} / {t.max_steps}"),
+        (
+            "batch size x grad accum",
+            f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
+        ),
+        ("optimizer / scheduler", f"{t.optim} / {t.lr_scheduler_type}"),
+        ("warmup steps / weight decay", f"{t.warmup_steps} / {t.weight_decay}"),
+        ("packing", t.packing),
+        ("seed", t.seed),
+        ("merged dtype", config.merge.dtype),
+    ]
+    if config.method == "dpo":
+        training.append(("DPO beta", t.beta))
+    train, verify = summary.get("train", {}), summary.get("verify", {})
+    metrics = [
+        ("train steps", train.get("steps")),
+        ("train loss (first logged)", train.get("train_loss_first")),
+        ("train loss (last logged)", train.get("train_loss_last")),
+        ("eval loss", train.get("eval_loss")),
+        ("merge check: max abs logit diff vs base+adapter", verify.get("max_abs_logit_diff")),
+        ("merge check: tolerance", verify.get("tolerance")),
+        ("merge check: greedy generations agreeing", verify.get("generations_agree")),
+    ]
+    return training, [(k, v) for k, v in metrics if v is not None]
 
 
 def write_model_card(
