@@ -1,4 +1,5 @@
-"""Folders that appear complete or not at all: a crash never leaves a half-written model."""
+"""Folders that appear complete or not at all (a crash never leaves a half-written model), and
+the disk checks made before writing one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ def refuse_existing(path: Path, overwrite: bool, what: str) -> None:
         raise UserError(
             f"{what} {str(path)!r} already exists; remove it, choose another path, "
             "or allow replacing it (overwrite: true in the config, --overwrite on the command line)"
+        )
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (where it will be made)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_disk(output: Path, needed: int, what: str = "the merged model") -> None:
+    """Refuse to start writing `needed` bytes at `output` on a disk that cannot hold them."""
+    parent = existing_ancestor(output.resolve().parent)
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.05:
+        raise UserError(
+            f"not enough disk for {what} in {str(parent)!r}: it needs "
+            f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free space or choose --output"
         )
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.errors import UserError, first_line
-from llm_finetune.fsutil import atomic_dir
+from llm_finetune.fsutil import atomic_dir, check_free_disk
 
 DTYPES = ("bfloat16", "float16", "float32")
-SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 PREFIX = "base_model.model."
 INDEX_FILE = "model.safetensors.index.json"
@@ -275,7 +274,7 @@ def plan_merge(
     dtype: str,
     fan_in_fan_out: bool,
 ) -> Plan:
-    from llm_finetune.safetensors_stream import element_size, read_header
+    from llm_finetune.safetensors_stream import element_size, read_header, safetensors_code
 
     headers = {p.name: read_header(p) for p in shards}
     where = {n: shard for shard, h in headers.items() for n in h.tensors}
@@ -312,7 +311,7 @@ def plan_merge(
         if key in where and tuple(tensor.shape) != headers[where[key]].tensors[key].shape:
             shape = headers[where[key]].tensors[key].shape
             raise _vocabulary_error(key, tuple(tensor.shape), shape)
-    target_size = element_size(SAFETENSORS_DTYPE[dtype])
+    target_size = element_size(safetensors_code(dtype))
     output_bytes = sum(
         math.prod(i.shape) * target_size if i.dtype in FLOAT_DTYPES else i.nbytes
         for h in headers.values()
@@ -402,9 +401,9 @@ def _check_shape(lora: LoraModule, base: Any, fan_in_fan_out: bool) -> None:
 def _write_shards(
     plan: Plan, staging: Path, dtype: str, fan_in_fan_out: bool, progress: Callable[[str], None]
 ) -> tuple[int, dict[str, str]]:
-    from llm_finetune.safetensors_stream import ShardWriter
+    from llm_finetune.safetensors_stream import ShardWriter, safetensors_code
 
-    target_name = SAFETENSORS_DTYPE[dtype]
+    target_name = safetensors_code(dtype)
     weight_map: dict[str, str] = {}
     written = 0
     shard_names = list(plan.headers)
@@ -481,18 +480,6 @@ def _output_blocks(
         yield block.to(target)
 
 
-def _write_config(base_folder: Path, staging: Path, dtype: str, untie: bool) -> dict[str, Any]:
-    config = json.loads((base_folder / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = dtype
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype
-    if untie:
-        config["tie_word_embeddings"] = False
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
-
-
 def align_eos(
     config: dict[str, Any], generation: dict[str, Any], eos_id: int | None, pad_id: int | None
 ) -> list[str]:
@@ -564,24 +551,38 @@ def _special_token_id(folder: Path, name: str) -> int | None:
     return AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(token)
 
 
-def _write_tokenizer_and_generation(
-    base_folder: Path, adapter: Path, staging: Path, config: dict[str, Any]
-) -> list[str]:
-    """Copy the tokenizer files as trained (the adapter's, else the base's), byte for byte."""
-    generation = _read_generation(base_folder, config)
+def _copy_tokenizer(base_folder: Path, adapter: Path, staging: Path) -> Path | None:
+    """Copy the tokenizer files as trained (the adapter's, else the base's), byte for byte;
+    return the folder they came from (None when neither has a tokenizer)."""
     source = next(
         (f for f in (adapter, base_folder) if (f / "tokenizer_config.json").is_file()), None
     )
-    if source is None:
-        fixes = ["no tokenizer in the adapter or the base: the merged folder has none"]
-    else:
+    if source is not None:
         for path in source.iterdir():
             if path.name in TOKENIZER_FILES or path.suffix == ".tiktoken":
                 shutil.copy2(path, staging / path.name)
-        eos_id = _special_token_id(source, "eos_token")
-        fixes = align_eos(config, generation, eos_id, _special_token_id(source, "pad_token"))
-    _write_config_and_generation(staging, config, generation)
-    return fixes
+    return source
+
+
+def _merged_configs(
+    base_folder: Path, base_config: dict[str, Any], dtype: str, untie: bool, tokenizer: Path | None
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The merged model's config and generation config, made in memory to be written once:
+    the base's, stored in `dtype`, not quantized, untied when the merge untied the embeddings,
+    agreeing with the tokenizer's EOS/PAD; and the EOS/PAD fixes that took."""
+    config = {k: v for k, v in base_config.items() if k != "quantization_config"}
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    if untie:
+        config["tie_word_embeddings"] = False
+    generation = _read_generation(base_folder, config)
+    if tokenizer is None:
+        fixes = ["no tokenizer in the adapter or the base: the merged folder has none"]
+    else:
+        eos_id = _special_token_id(tokenizer, "eos_token")
+        fixes = align_eos(config, generation, eos_id, _special_token_id(tokenizer, "pad_token"))
+    return config, generation, fixes
 
 
 @contextlib.contextmanager
@@ -596,24 +597,6 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def existing_ancestor(path: Path) -> Path:
-    """`path`, or the nearest folder above it that exists (where it will be made)."""
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_free_disk(output: Path, needed: int, what: str = "the merged model") -> None:
-    """Refuse to start writing `needed` bytes at `output` on a disk that cannot hold them."""
-    parent = existing_ancestor(output.resolve().parent)
-    free = shutil.disk_usage(parent).free
-    if free < needed * 1.05:
-        raise UserError(
-            f"not enough disk for {what} in {str(parent)!r}: it needs "
-            f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free space or choose --output"
-        )
-
-
 def merge(
     base: str,
     adapter: Path,
@@ -626,30 +609,35 @@ def merge(
     """Merge `adapter` into `base` (local folder or Hub id) and write a model into `output`."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    from llm_finetune.safetensors_stream import return_freed_memory_to_the_os
+    from llm_finetune.safetensors_stream import freed_memory_returned_to_the_os
 
-    return_freed_memory_to_the_os()
     start = time.perf_counter()
     adapter, output = Path(adapter), Path(output)
-    lora = read_adapter(adapter)
-    base_folder = resolve_base_folder(base, revision)
-    if not (base_folder / "config.json").is_file():
-        raise UserError(f"base {base!r} has no config.json")
-    base_config = json.loads((base_folder / "config.json").read_text())
-    refuse_quantized_base(base_config, base)
-    fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
-    plan = plan_merge(lora, base_shards(base_folder), base_config, dtype, fan_in_fan_out)
-    check_free_disk(output, plan.output_bytes)
-    with (
-        atomic_dir(output, overwrite=overwrite, what="merged model folder") as staging,
-        _torch_threads(1),  # cache-sized blocks: one compute thread, the other core writes
-    ):
-        written, weight_map = _write_shards(plan, staging, dtype, fan_in_fan_out, progress)
-        if len(plan.headers) > 1:
-            index = {"metadata": {"total_size": written}, "weight_map": weight_map}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config = _write_config(base_folder, staging, dtype, plan.untie)
-        fixes = _write_tokenizer_and_generation(base_folder, adapter, staging, config)
+    with freed_memory_returned_to_the_os():  # process-wide: set back for what runs after
+        lora = read_adapter(adapter)
+        base_folder = resolve_base_folder(base, revision)
+        if not (base_folder / "config.json").is_file():
+            raise UserError(f"base {base!r} has no config.json")
+        base_config = json.loads((base_folder / "config.json").read_text())
+        refuse_quantized_base(base_config, base)
+        fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
+        plan = plan_merge(lora, base_shards(base_folder), base_config, dtype, fan_in_fan_out)
+        check_free_disk(output, plan.output_bytes)
+        with (
+            atomic_dir(output, overwrite=overwrite, what="merged model folder") as staging,
+            _torch_threads(1),  # cache-sized blocks: one compute thread, the other core writes
+        ):
+            written, weight_map = _write_shards(plan, staging, dtype, fan_in_fan_out, progress)
+            if len(plan.headers) > 1:
+                index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+                (staging / INDEX_FILE).write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n"
+                )
+            tokenizer = _copy_tokenizer(base_folder, adapter, staging)
+            config, generation, fixes = _merged_configs(
+                base_folder, base_config, dtype, plan.untie, tokenizer
+            )
+            _write_config_and_generation(staging, config, generation)
     base_dtype = sorted({i.dtype for h in plan.headers.values() for i in h.tensors.values()})
     merged = sum(len(v) for v in plan.changes.values())
     return MergeReport(

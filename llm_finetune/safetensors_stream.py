@@ -10,12 +10,15 @@ as raw bytes, never decoded. The format: an 8-byte little-endian header length, 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import math
 import queue
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,7 +39,6 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-NAMES = {dtype: name for name, dtype in DTYPES.items()}
 COPY_CHUNK = 8 << 20
 
 
@@ -58,6 +60,16 @@ class Header:
 
 def element_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def torch_dtype_name(code: str) -> str:
+    """'BF16' -> 'bfloat16', the name config.json and torch use; a code torch lacks, as is."""
+    return str(DTYPES[code]).removeprefix("torch.") if code in DTYPES else code
+
+
+def safetensors_code(name: str) -> str:
+    """'bfloat16' -> 'BF16', the code a safetensors header stores."""
+    return next(code for code, dtype in DTYPES.items() if dtype == getattr(torch, name))
 
 
 def read_header(path: Path) -> Header:
@@ -103,21 +115,35 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
         return {name: read_rows(f, info) for name, info in header.tensors.items()}
 
 
-def return_freed_memory_to_the_os() -> None:
-    """Serve large allocations with mmap (glibc), so a freed block leaves the process at once.
+# glibc's mallopt parameter and its documented default (mallopt(3)), and the merge's value.
+M_MMAP_THRESHOLD = -3
+DEFAULT_MMAP_THRESHOLD = 128 << 10
+MERGE_MMAP_THRESHOLD = 1 << 20
+
+
+@contextlib.contextmanager
+def freed_memory_returned_to_the_os() -> Iterator[None]:
+    """Serve allocations from 1 MiB up with mmap (glibc), so a freed block leaves the
+    process at once; glibc's documented default threshold is set back on the way out.
 
     glibc otherwise raises its mmap threshold after the first large free, and blocks of the
-    next sizes come from a heap that never shrinks: the peak grows with fragmentation.
+    next sizes come from a heap that never shrinks: the peak grows with fragmentation. The
+    setting is process-wide and mallopt has no getter: training and verification in the same
+    process must not inherit it. Any mallopt of the threshold also ends glibc's dynamic
+    adjustment for good, so the default (128 KiB, where a fresh process starts) is what can
+    be restored: it returns memory at least as readily as the dynamic mode would, at the cost
+    of an mmap for mid-size allocations.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is None:
+        yield
         return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, which also stops its growth
+    mallopt(M_MMAP_THRESHOLD, MERGE_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
 
 
 class ShardWriter:

@@ -1,8 +1,10 @@
-"""atomic_dir: a folder appears whole, with the modes of a plain write, or not at all."""
+"""atomic_dir: a folder appears whole, with the modes of a plain write, or not at all; and the
+disk check before writing one."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -53,3 +55,22 @@ def test_an_existing_folder_is_refused_unless_overwrite(tmp_path):
     with atomic_dir(tmp_path / "merged", overwrite=True) as stage:
         (stage / "new.txt").write_text("new")
     assert [p.name for p in (tmp_path / "merged").iterdir()] == ["new.txt"]
+
+
+def test_the_disk_check_looks_at_the_nearest_existing_folder(tmp_path, monkeypatch):
+    """The output's folders do not exist yet: the disk is the one they will be made on."""
+    from llm_finetune import fsutil
+
+    output = tmp_path / "not" / "yet" / "merged"
+    assert fsutil.existing_ancestor(output) == tmp_path
+    asked = []
+
+    def usage(path):
+        asked.append(path)
+        return shutil._ntuple_diskusage(10**10, 0, 10**9)
+
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", usage)
+    fsutil.check_free_disk(output, 9 * 10**8)
+    assert asked == [tmp_path]
+    with pytest.raises(UserError, match=r"not enough disk for the base's download in .* it needs"):
+        fsutil.check_free_disk(output, 10**9, "the base's download")

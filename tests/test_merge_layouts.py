@@ -7,6 +7,8 @@ with our engine in float32 and compares logits with the unmerged peft model: wit
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import shutil
 import subprocess
@@ -236,11 +238,11 @@ def test_refuses_pickle_weights(tmp_path):
 
 
 def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import llm_finetune.merge as merge_module
+    from llm_finetune import fsutil
 
     base, adapter, _ = _plain(tmp_path)
     monkeypatch.setattr(
-        merge_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000)
+        fsutil.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000)
     )
     with pytest.raises(UserError, match="not enough disk.*GB are free"):
         merge(str(base), adapter, tmp_path / "out")
@@ -306,3 +308,51 @@ def test_peak_memory_is_about_one_block_not_the_model(tmp_path):
     assert figures["shards"] >= 5
     # ~340 MB of weights; the merge works on 16 MB float32 blocks plus the (small) adapter.
     assert grown < 0.2 * model_bytes, (grown, model_bytes)
+
+
+# glibc's allocator is process-wide: the merge's setting must end with the merge, since the
+# pipeline trains before it and verifies after it in the same process.
+
+LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
+        + ("uordblks", "fordblks", "keepcost")
+    ]
+
+
+LIBC.malloc.restype, LIBC.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+LIBC.free.argtypes = [ctypes.c_void_p]
+if hasattr(LIBC, "mallinfo2"):
+    LIBC.mallinfo2.restype = _Mallinfo2
+
+
+def _mmap(kib: int) -> bool:
+    """Whether glibc's mmap threshold is at most `kib` KiB now (mallopt has no getter): blocks
+    of that size are taken until one does not fit in the heap's free space; that one is either
+    mmapped (hblks grows) or grows the heap (arena grows)."""
+    size = kib << 10
+    before = LIBC.mallinfo2()
+    taken = []
+    try:
+        for _ in range(before.fordblks // size + 2):  # each block from free space uses >= size
+            taken.append(LIBC.malloc(size))
+            now = LIBC.mallinfo2()
+            if now.hblks > before.hblks or now.arena > before.arena:
+                return now.hblks > before.hblks
+    finally:
+        for block in taken:
+            LIBC.free(block)
+    raise AssertionError("neither an mmap nor a larger heap: the probe is wrong")
+
+
+@pytest.mark.skipif(not hasattr(LIBC, "mallinfo2"), reason="glibc >= 2.33 only")
+def test_the_merges_mmap_threshold_ends_with_the_merge(tmp_path):
+    base, adapter, _ = _plain(tmp_path)
+    during = []  # probed after each shard is written
+    merge(str(base), adapter, tmp_path / "out", progress=lambda line: during.append(_mmap(512)))
+    assert during == [False]  # the merge's 1 MiB threshold: 512 KiB blocks come from the heap
+    assert _mmap(512)  # glibc's default again (128 KiB): 512 KiB blocks are mmapped

@@ -193,10 +193,27 @@ def test_failed_merge_leaves_nothing_half_written(trained_adapter, tmp_path, mon
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(merge_module, "_write_config", crash)
+    monkeypatch.setattr(merge_module, "_write_config_and_generation", crash)
     with pytest.raises(OSError, match="disk full"):
         merge(base, adapter, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_and_generation_config_are_written_once(trained_adapter, tmp_path, monkeypatch):
+    """Made whole in memory (dtype, EOS fixes) and written once: nothing earlier to rewrite."""
+    import llm_finetune.merge as merge_module
+
+    _, base, adapter, _ = trained_adapter
+    write = merge_module._write_config_and_generation
+    writes = []
+
+    def write_once(folder, config, generation):
+        writes.append(sorted(p.name for p in folder.iterdir() if p.name.endswith("config.json")))
+        write(folder, config, generation)
+
+    monkeypatch.setattr(merge_module, "_write_config_and_generation", write_once)
+    merge(base, adapter, tmp_path / "merged")
+    assert writes == [["tokenizer_config.json"]]  # no config.json nor generation_config.json yet
 
 
 def test_a_folder_written_elsewhere_gets_the_tokenizers_eos(tmp_path):
