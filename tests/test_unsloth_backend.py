@@ -1,11 +1,12 @@
 """The unsloth backend, run for real on the tiny model where unsloth is installed.
 
 Unsloth must be imported before transformers/peft/trl, and importing it patches them for the
-whole process, so the Unsloth calls run in a child process (one, shared by the tests below):
-load + LoRA with FastLanguageModel, the project's trl training, save_pretrained_merged,
-push_to_hub_merged to a local Hub server started here. This process then checks the results
-with plain transformers + peft only. `pytest.importorskip("unsloth")` is not used on purpose:
-it would import unsloth into this process and patch trl/transformers for every later test.
+whole process, so the Unsloth calls run in a child process, tests/unsloth_child.py (one, shared
+by the tests below): load + LoRA with FastLanguageModel, the project's trl training,
+save_pretrained_merged, push_to_hub_merged to a local Hub server started here, and Unsloth's
+GPU save and push routes from its source. This process then checks the results with plain
+transformers + peft only. `pytest.importorskip("unsloth")` is not used on purpose: it would
+import unsloth into this process and patch trl/transformers for every later test.
 
 Without a GPU this exercises Unsloth's CPU fallback (unsloth_zoo/cpu/...); the GPU code path
 (unsloth/save.py) needs a CUDA machine.
@@ -30,189 +31,6 @@ from tests.conftest import GOOD_TOKEN, REPO_ROOT, dpo_pairs, needs_unsloth, tiny
 REPO_ID = "alice/tiny-unsloth"
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens: a push that ignores `endpoint` fails here
 STEPS = 12
-
-CHILD = r"""
-import json, sys, time
-from pathlib import Path
-
-from llm_finetune.backends import unsloth as backend_module
-
-t0 = time.perf_counter()
-backend_module.import_unsloth(strict=True)  # first: before transformers, peft, trl
-import_seconds = time.perf_counter() - t0
-
-import torch
-from llm_finetune.config import Config
-from llm_finetune.data import format_dataset, inference_prompt, load_raw
-from llm_finetune.errors import UserError
-from llm_finetune.train import train, training_arguments
-
-args = json.loads(sys.argv[1])
-out = Path(args["out"])
-config = Config.model_validate(args["config"])
-backend = backend_module.UnslothBackend()
-training_args = training_arguments(config, out / "checkpoints")
-model, tokenizer = backend.load_for_training(config, args["base"])
-splits = format_dataset(load_raw(config.data), config.data, tokenizer)
-result = train(config, training_args, model, tokenizer, splits, out / "adapter")
-prompt = inference_prompt("alpaca", "Write the number 47 in words.", tokenizer)
-
-
-def generate():
-    from unsloth import FastLanguageModel
-
-    FastLanguageModel.for_inference(model)
-    enc = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        ids = model.generate(**enc, max_new_tokens=8, do_sample=False)
-    return ids[0, enc["input_ids"].shape[1]:].tolist()
-
-
-report = {"import_seconds": import_seconds, "train": result.as_dict()}
-report["generation_before_save"] = generate()
-t = time.perf_counter()
-report["merge"] = backend.save_merged(
-    model, tokenizer, args["base"], out / "adapter", out / "merged", config
-)
-report["merge_seconds"] = time.perf_counter() - t
-try:
-    backend.save_merged(model, tokenizer, args["base"], out / "adapter", out / "merged", config)
-    report["second_save"] = "overwrote"
-except UserError as exc:
-    report["second_save"] = str(exc)
-report["model_type_after_save"] = type(model).__name__
-report["generation_after_save"] = generate()
-t = time.perf_counter()
-report["push"] = backend_module.push_merged(
-    model, tokenizer, args["repo_id"], args["token"], private=False,
-    commit_message="llm-finetune test push", endpoint=args["endpoint"],
-    merge_dtype=config.merge.dtype,
-)
-report["push_seconds"] = time.perf_counter() - t
-card = out / "card.md"
-card.write_text("---\nlibrary_name: transformers\n---\n# our card\n")
-report["push_with_card"] = backend_module.push_merged(
-    model, tokenizer, args["repo_id"] + "-card", args["token"], endpoint=args["endpoint"],
-    merge_dtype=config.merge.dtype, readme=card,
-)
-import tempfile
-
-tempdir_before = tempfile.tempdir
-report["push_to_branch"] = backend_module.push_merged(
-    model, tokenizer, args["repo_id"] + "-branch", args["token"], endpoint=args["endpoint"],
-    commit_message="to a branch", merge_dtype=config.merge.dtype, revision="dev",
-    staging=out / "push-staging",
-)
-report["staging_left"] = (out / "push-staging").exists() or tempfile.tempdir != tempdir_before
-
-# Unsloth's GPU push route (unsloth/save.py `_push_merged_to_hub_revision`; the module imports
-# only on GPU machines), run from its source against the local server as push_merged sets the
-# call up, with its merge replaced by a copy of the merged folder: the part that talks to the Hub.
-import ast
-import os
-import shutil
-import stat
-
-import unsloth
-from huggingface_hub import HfApi
-from peft import PeftModel
-
-source = (Path(unsloth.__file__).parent / "save.py").read_text()
-wanted = {"_push_merged_to_hub_revision", "_determine_username", "MODEL_CARD"}
-parts = [
-    ast.get_source_segment(source, node)
-    for node in ast.parse(source).body
-    if (isinstance(node, ast.FunctionDef) and node.name in wanted)
-    or (isinstance(node, ast.Assign) and {getattr(t, "id", None) for t in node.targets} & wanted)
-]
-merges = []
-
-
-def merge_into(save_directory, **kwargs):  # stands in for unsloth_generic_save's local merge
-    merges.append([kwargs["push_to_hub"], model.config._name_or_path])  # where it finds the base
-    shutil.copytree(out / "merged", save_directory, dirs_exist_ok=True)
-
-
-gpu = {"HfApi": HfApi, "get_token": lambda: None, "os": os, "Path": Path,
-       "PeftModel": PeftModel, "unsloth_generic_save": merge_into}
-exec("\n\n".join(parts), gpu)
-
-
-def gpu_route(repo_id, tokenizer=None, save_method="merged_16bit", token=None, private=None,
-              commit_message="Trained with Unsloth", revision=None):
-    # unsloth_generic_save(...) with a revision: `return _push_merged_to_hub_revision(locals())`
-    return gpu["_push_merged_to_hub_revision"](dict(
-        model=model, tokenizer=tokenizer, save_directory=repo_id, save_method=save_method,
-        token=token, private=private, commit_message=commit_message, revision=revision,
-        commit_description="Upload model trained with Unsloth 2x faster", create_pr=False,
-        datasets=None, tags=None, is_main_process=True,
-    ))
-
-
-# What a load from a Hub id leaves; Unsloth's name mapper sends it to another repo.
-HUB_ID = "meta-llama/Llama-3.1-8B"
-cpu_route, model.push_to_hub_merged = model.push_to_hub_merged, gpu_route
-model.config._name_or_path = HUB_ID
-try:
-    report["push_gpu_route"] = backend_module.push_merged(
-        model, tokenizer, args["repo_id"] + "-gpu", args["token"], endpoint=args["endpoint"],
-        commit_message="the gpu route", merge_dtype=config.merge.dtype, revision="dev",
-        staging=out / "gpu-staging", base_folder=Path(args["base"]),
-    )
-finally:
-    model.push_to_hub_merged = cpu_route
-report["gpu_route_merges"] = merges
-report["name_after_push"] = model.config._name_or_path
-
-# Unsloth's GPU save, save_pretrained_merged -> unsloth_generic_save -> the merge below, whose
-# wrapper module needs a GPU to import; the merge itself (the original 16-bit shards re-read,
-# the LoRA added in float32) runs on the CPU too. Through the backend's save_merged.
-from unsloth_zoo.saving_utils import merge_and_overwrite_lora
-
-
-base_names = []
-
-
-def get_model_name(name, load_in_4bit=False):  # loader_utils.get_model_name, in short: a
-    base_names.append(name)  # folder as is, a Hub id to Unsloth's copy (unsloth/Llama-3.1-8B)
-    return name if os.path.isdir(name) else "unsloth/" + name.split("/")[-1]
-
-
-def gpu_save(save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
-    merge_and_overwrite_lora(
-        get_model_name,
-        model=model, tokenizer=tokenizer, save_directory=str(save_directory),
-        push_to_hub=False, private=False, token=None, save_method=save_method,
-        output_dtype=None, low_disk_space_usage=True, use_temp_file=False,
-    )
-
-
-gpu_save.__module__ = backend_module.GPU_SAVER_MODULE  # as Unsloth binds it on a GPU
-cpu_save, model.save_pretrained_merged = model.save_pretrained_merged, gpu_save
-try:
-    report["gpu_merge"] = backend.save_merged(
-        model, tokenizer, args["base"], out / "adapter", out / "gpu-merged", config
-    )
-finally:
-    model.save_pretrained_merged = cpu_save
-report["gpu_merge_base_names"] = base_names
-report["name_after_save"] = model.config._name_or_path
-model.config._name_or_path = args["base"]
-# Unsloth's own choice, without the backend's dtype override.
-from unsloth_zoo.cpu.runtime import cpu_bf16_supported
-
-report["cpu_bf16_native"] = cpu_bf16_supported()
-model.save_pretrained_merged(str(out / "merged-raw"), tokenizer, save_method="merged_16bit")
-raw = out / "merged-raw"
-report["raw_unsloth_dtype"] = json.loads((raw / "config.json").read_text())["dtype"]
-report["raw_padding_side"] = json.loads((raw / "tokenizer_config.json").read_text())["padding_side"]
-try:  # endpoint=None: huggingface_hub's endpoint as read at import (HF_ENDPOINT, a dead port)
-    backend_module.push_merged(model, tokenizer, args["repo_id"] + "-2", args["token"])
-    report["push_default_endpoint"] = "pushed"
-except UserError as exc:
-    report["push_default_endpoint"] = str(exc)
-print("REPORT " + json.dumps(report))
-"""
 
 
 def test_module_imports_nothing_heavy():
@@ -277,7 +95,7 @@ def unsloth_run(tiny_base, tmp_path_factory):
     }
     start = time.perf_counter()
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(args)],
+        [sys.executable, "-m", "tests.unsloth_child", json.dumps(args)],
         capture_output=True,
         text=True,
         env=env,
