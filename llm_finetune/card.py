@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from llm_finetune import __version__
 
 if TYPE_CHECKING:
+    from llm_finetune.base_model import BaseModel
     from llm_finetune.config import Config
 
 CARD_TEMPLATE = """---
@@ -55,16 +56,17 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def card_rows(
-    config: Config, base: str, backend: str, summary: dict[str, Any]
+    config: Config, base: BaseModel, backend: str, summary: dict[str, Any]
 ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
     """The card's training table (from the config) and results table (from the run summary).
 
-    `base`: the resolved base (a local path shows the configured name instead); results the
+    `base`: the base as configured, and the commit a Hub base was pinned to; results the
     run did not produce are left out.
     """
     t, lora = config.training, config.lora
     training = [
-        ("base model", base if not base.startswith("/") else config.model.name),
+        ("base model", base.name),
+        *([("base model revision", base.revision)] if base.on_hub else []),
         ("method", config.method.upper()),
         ("backend", backend),
         ("datasets", ", ".join(d.path for d in config.data.datasets)),
@@ -87,6 +89,7 @@ def card_rows(
     ]
     if config.method == "dpo":
         training.append(("DPO beta", t.beta))
+
     train, verify = summary.get("train", {}), summary.get("verify", {})
     metrics = [
         ("train steps", train.get("steps")),

@@ -78,13 +78,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from llm_finetune.config import DEFAULT_VERIFY_PROMPT
     from llm_finetune.data import inference_prompt
     from llm_finetune.verify import verify
 
     raw = (
         [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if args.prompts
-        else ["Write a paragraph to introduce supervised fine-tuning."]
+        else [DEFAULT_VERIFY_PROMPT]
     )
     tokenizer = AutoTokenizer.from_pretrained(args.merged)
     prompts = (

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llm_finetune.errors import UserError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-llama" / "sft.yaml"
+DEFAULT_VERIFY_PROMPT = "Write a paragraph to introduce supervised fine-tuning."
 
 
 class _Strict(BaseModel):
@@ -103,7 +103,7 @@ class MergeConfig(_Strict):
 class VerifyConfig(_Strict):
     enabled: bool = True
     prompts: list[str] = Field(
-        default_factory=lambda: ["Write a paragraph to introduce supervised fine-tuning."]
+        default_factory=lambda: [DEFAULT_VERIFY_PROMPT]
     )
     max_new_tokens: int = Field(32, ge=1)
 

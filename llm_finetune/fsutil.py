@@ -40,6 +40,13 @@ def check_free_disk(output: Path, needed: int, what: str = "the merged model") -
         )
 
 
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether paths `a` and `b` (made later if missing) land on one filesystem."""
+    return (
+        existing_ancestor(a.resolve()).stat().st_dev == existing_ancestor(b.resolve()).stat().st_dev
+    )
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

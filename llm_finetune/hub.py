@@ -108,6 +108,32 @@ def hub_client_settings(endpoint: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def libraries_endpoint(endpoint: str) -> Iterator[None]:
+    """Point huggingface_hub's and transformers' defaults at `endpoint` for one call.
+
+    huggingface_hub reads HF_ENDPOINT once, at import (constants.ENDPOINT and the download URL
+    template), and transformers keeps one HfApi made at first use; calls such as Unsloth's
+    push_to_hub_merged or from_pretrained accept no endpoint. So these three are swapped for
+    the duration of the call and restored afterwards (nothing to do for the same endpoint).
+    """
+    import transformers.utils.hub as tf_hub
+    from huggingface_hub import constants
+
+    endpoint = endpoint.rstrip("/")
+    if endpoint == constants.ENDPOINT.rstrip("/"):
+        yield
+        return
+    saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, tf_hub._hf_api)
+    constants.ENDPOINT = endpoint
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    tf_hub._hf_api = None  # re-created by transformers with the endpoint above
+    try:
+        yield
+    finally:
+        constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, tf_hub._hf_api = saved
+
+
+@contextlib.contextmanager
 def client_timeout(seconds: float | None) -> Iterator[None]:
     """Give the client's shared HTTP session a timeout, restored afterwards.
 

@@ -8,9 +8,11 @@ lands on the Hub is exactly what was verified.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -36,11 +38,37 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of this package's checkout (with "-dirty" when it has local changes),
+    None for an installed package: a version number alone does not say which code ran."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / ".git").exists():
+        return None
+    try:
+        git = ["git", "-C", str(checkout)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git on the box, or not a repository
+        return None
+    return commit + ("-dirty" if changed else "")
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in LIBRARIES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
+    if commit := source_commit():
+        found["llm-finetune-commit"] = commit
     return found
 
 

@@ -12,24 +12,31 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_finetune.config import Config, config_to_dict
 from llm_finetune.errors import UserError
-from llm_finetune.manifest import check_manifest, fingerprint
+from llm_finetune.manifest import check_manifest, fingerprint, read_manifest
+
+if TYPE_CHECKING:
+    from llm_finetune.base_model import BaseModel
 
 TRAIN_SECTIONS = ("method", "backend", "model", "lora", "data", "training")
 CHECKPOINT_INPUTS = "llm-finetune-inputs.json"
 
 
-def train_fingerprint(config: Config) -> str:
+def train_fingerprint(config: Config, base: BaseModel) -> str:
+    """What the adapter depends on: the training sections and, for a Hub base, its commit."""
     data = config_to_dict(config)
-    return fingerprint({key: data[key] for key in TRAIN_SECTIONS})
+    inputs = {key: data[key] for key in TRAIN_SECTIONS}
+    if base.revision:
+        inputs["base_revision"] = base.revision
+    return fingerprint(inputs)
 
 
-def merge_fingerprint(config: Config) -> str:
+def merge_fingerprint(config: Config, base: BaseModel) -> str:
     return fingerprint(
-        {"train": train_fingerprint(config), "merge": config_to_dict(config)["merge"]}
+        {"train": train_fingerprint(config, base), "merge": config_to_dict(config)["merge"]}
     )
 
 
@@ -68,30 +75,43 @@ def latest_checkpoint(checkpoints: Path, train_fp: str) -> str | None:
     return str(max(steps)[1])
 
 
-def prepare_checkpoints(checkpoints: Path, config: Config) -> None:
+def prepare_checkpoints(checkpoints: Path, config: Config, base: BaseModel) -> None:
     """Mark the checkpoint folder with the config that fills it (a fresh run clears it first)."""
     if config.overwrite and checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    inputs = {"fingerprint": train_fingerprint(config), "run_name": config.run_name}
+    inputs = {"fingerprint": train_fingerprint(config, base), "run_name": config.run_name}
     (checkpoints / CHECKPOINT_INPUTS).write_text(json.dumps(inputs) + "\n")
 
 
-def inspect_outputs(config: Config, until: str) -> Reuse:
+def check_same_base_commit(adapter_dir: Path, base: BaseModel) -> None:
+    """A finished adapter of a Hub base that has moved on since: say which commit to pin to
+    finish the run with, rather than only "a different config"."""
+    trained_on = ((read_manifest(adapter_dir) or {}).get("base") or {}).get("revision")
+    if trained_on and base.revision and trained_on != base.revision:
+        raise UserError(
+            f"{str(adapter_dir)!r} was trained on {base.name} at commit {trained_on} and the "
+            f"base is now at {base.revision}: set model.revision: {trained_on} to finish this "
+            "run, or overwrite: true to train again"
+        )
+
+
+def inspect_outputs(config: Config, until: str, base: BaseModel) -> Reuse:
     """Decide what this run reuses; refuse outputs of another config or changed files."""
     if config.overwrite:
         return Reuse()
     out = config.output_path
     reuse = Reuse()
     if (out / "adapter").exists():
-        reuse.adapter = check_manifest(out / "adapter", train_fingerprint(config))
+        check_same_base_commit(out / "adapter", base)
+        reuse.adapter = check_manifest(out / "adapter", train_fingerprint(config, base))
     if until == "publish" and (out / "merged").exists():
         if reuse.adapter is None:
             raise UserError(
                 f"{str(out / 'merged')!r} exists without its adapter; restore "
                 f"{str(out / 'adapter')!r}, or overwrite: true to start over"
             )
-        reuse.merged = check_manifest(out / "merged", merge_fingerprint(config))
+        reuse.merged = check_manifest(out / "merged", merge_fingerprint(config, base))
     if reuse.adapter is None and (out / "checkpoints").is_dir():
-        reuse.checkpoint = latest_checkpoint(out / "checkpoints", train_fingerprint(config))
+        reuse.checkpoint = latest_checkpoint(out / "checkpoints", train_fingerprint(config, base))
     return reuse

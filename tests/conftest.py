@@ -74,13 +74,14 @@ def tiny_config(tmp: Path, **sections):
 def trained_adapter(tiny_base, tmp_path_factory):
     """(config, base path, adapter dir, TrainResult) of a 40-step LoRA SFT on the tiny model."""
     from llm_finetune.backends.hf import HFBackend
+    from llm_finetune.base_model import BaseModel
     from llm_finetune.data import format_dataset, load_raw
     from llm_finetune.train import train, training_arguments
 
     tmp = tmp_path_factory.mktemp("trained")
     config = tiny_config(tmp)
     args = training_arguments(config, tmp / "checkpoints")
-    model, tokenizer = HFBackend().load_for_training(config, tiny_base)
+    model, tokenizer = HFBackend().load_for_training(config, BaseModel(tiny_base, tiny_base))
     splits = format_dataset(load_raw(config.data), config.data, tokenizer)
     result = train(config, args, model, tokenizer, splits, tmp / "adapter")
     return config, tiny_base, tmp / "adapter", result

@@ -184,7 +184,7 @@ def test_too_little_memory_to_verify_fails_in_preflight(tmp_path, monkeypatch):
     config = load_config(
         DEMO, [f"output_dir={out}", "publish.enabled=false", "verify.enabled=false"]
     )
-    monkeypatch.setattr("llm_finetune.pipeline._train", _stop_after_preflight)
+    monkeypatch.setattr("llm_finetune.pipeline.train_stage", _stop_after_preflight)
     with pytest.raises(_PreflightPassed):
         run(config)
 
@@ -200,10 +200,10 @@ def _stop_after_preflight(*args, **kwargs):
 def test_the_base_weights_are_counted_from_the_safetensors_headers(tiny_base):
     from safetensors.torch import load_file
 
-    from llm_finetune.pipeline import base_weights
+    from llm_finetune.base_model import BaseModel, base_weights
 
     expected = sum(t.numel() for t in load_file(Path(tiny_base) / "model.safetensors").values())
-    weights = base_weights(tiny_base, None)
+    weights = base_weights(BaseModel(tiny_base, tiny_base))
     assert weights.parameters == expected
     assert weights.size > 2 * weights.parameters  # bf16, plus the header
 
@@ -217,24 +217,25 @@ def test_a_hub_base_not_in_the_cache_counts_its_download_in_the_disk_check(
 
     from huggingface_hub import constants, hf_hub_download
 
-    from llm_finetune import pipeline
+    from llm_finetune import fsutil, preflight
+    from llm_finetune.base_model import BaseModel, BaseWeights, base_weights
     from llm_finetune.errors import UserError
     from llm_finetune.hub import hub_client_settings
     from llm_finetune.publish import publish
 
-    def weights_on_the_hub() -> pipeline.BaseWeights | None:
+    def weights_on_the_hub() -> BaseWeights | None:
         with monkeypatch.context() as hub_default, hub_client_settings(hub.url):
             hub_default.setattr(constants, "ENDPOINT", hub.url)  # HfApi()'s default endpoint
-            return pipeline.base_weights("alice/base", None)
+            return base_weights(BaseModel("alice/base", "alice/base", commit))
 
-    publish(Path(tiny_base), "alice/base", hub.url, GOOD_TOKEN)
+    commit = publish(Path(tiny_base), "alice/base", hub.url, GOOD_TOKEN).commit
     (tmp_path / "hub-cache").mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     size = (Path(tiny_base) / "model.safetensors").stat().st_size
     weights = weights_on_the_hub()
     assert (weights.size, weights.to_download) == (size, size)
     out = tmp_path / "out"
-    message = pipeline.check_disk(weights, out, "bfloat16")
+    message = preflight.check_disk(weights, out, "bfloat16")
     assert message.startswith("disk: the merged model and the base's download: about")
 
     free = {"out": int(size * 1.5), "cache": int(size * 1.5)}  # one model fits, not two
@@ -244,18 +245,18 @@ def test_a_hub_base_not_in_the_cache_counts_its_download_in_the_disk_check(
         lambda path: shutil_module._ntuple_diskusage(0, 0, free[_disk(path, tmp_path)]),
     )
     with pytest.raises(UserError, match="not enough disk for the merged model and the base's"):
-        pipeline.check_disk(weights, out, "bfloat16")
-    monkeypatch.setattr(pipeline, "same_disk", lambda a, b: False)  # a cache on its own disk
-    pipeline.check_disk(weights, out, "bfloat16")
+        preflight.check_disk(weights, out, "bfloat16")
+    monkeypatch.setattr(fsutil, "same_disk", lambda a, b: False)  # a cache on its own disk
+    preflight.check_disk(weights, out, "bfloat16")
     free["cache"] = size // 2
     with pytest.raises(UserError, match="not enough disk for the base's download into the Hub"):
-        pipeline.check_disk(weights, out, "bfloat16")
+        preflight.check_disk(weights, out, "bfloat16")
 
     with hub_client_settings(hub.url):
         hf_hub_download("alice/base", "model.safetensors", endpoint=hub.url)
     cached = weights_on_the_hub()
     assert (cached.size, cached.to_download) == (size, 0)
-    assert pipeline.check_disk(cached, out, "bfloat16").startswith("disk: the merged model: about")
+    assert preflight.check_disk(cached, out, "bfloat16").startswith("disk: the merged model: about")
 
 
 def _disk(path: str, tmp_path: Path) -> str:
@@ -273,9 +274,8 @@ def test_a_failed_sample_after_training_is_a_warning_not_a_lost_run(tmp_path):
     def sample(*args):
         raise RuntimeError("CUDA error: device-side assert triggered\nmore")
 
-    summary: dict = {}
     clock = pipeline.StageClock()
     backend = SimpleNamespace(sample=sample)
-    pipeline._sample(tiny_config(tmp_path), summary, clock, backend, None, None)
-    assert summary["sample_after_training"]["error"] == "CUDA error: device-side assert triggered"
+    sampled = pipeline.sample_stage(tiny_config(tmp_path), clock, backend, None, None)
+    assert sampled["error"] == "CUDA error: device-side assert triggered"
     assert "sample" in clock.seconds

@@ -150,6 +150,7 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
 
     import tempfile
 
+    from llm_finetune.base_model import BaseModel
     from llm_finetune.config import Config
     from llm_finetune.data import format_dataset, inference_prompt, load_raw
     from llm_finetune.errors import UserError
@@ -158,8 +159,9 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
     out = Path(args["out"])
     config = Config.model_validate(args["config"])
     backend = backend_module.UnslothBackend()
+    base = BaseModel(args["base"], args["base"])
     training_args = training_arguments(config, out / "checkpoints")
-    model, tokenizer = backend.load_for_training(config, args["base"])
+    model, tokenizer = backend.load_for_training(config, base)
     splits = format_dataset(load_raw(config.data), config.data, tokenizer)
     result = train(config, training_args, model, tokenizer, splits, out / "adapter")
     prompt = inference_prompt("alpaca", "Write the number 47 in words.", tokenizer)
@@ -168,11 +170,11 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
     report["generation_before_save"] = generate(model, tokenizer, prompt)
     started = time.perf_counter()
     report["merge"] = backend.save_merged(
-        model, tokenizer, args["base"], out / "adapter", out / "merged", config
+        model, tokenizer, base, out / "adapter", out / "merged", config
     )
     report["merge_seconds"] = time.perf_counter() - started
     try:
-        backend.save_merged(model, tokenizer, args["base"], out / "adapter", out / "merged", config)
+        backend.save_merged(model, tokenizer, base, out / "adapter", out / "merged", config)
         report["second_save"] = "overwrote"
     except UserError as exc:
         report["second_save"] = str(exc)
@@ -242,7 +244,7 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
     cpu_save, model.save_pretrained_merged = model.save_pretrained_merged, gpu_save
     try:
         report["gpu_merge"] = backend.save_merged(
-            model, tokenizer, args["base"], out / "adapter", out / "gpu-merged", config
+            model, tokenizer, base, out / "adapter", out / "gpu-merged", config
         )
     finally:
         model.save_pretrained_merged = cpu_save

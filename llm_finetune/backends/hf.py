@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_finetune.backends import set_padding, target_modules_error
 from llm_finetune.distributed import local_rank, shards_weights
-from llm_finetune.errors import UserError
 
 if TYPE_CHECKING:
-    from llm_finetune.config import Config, ModelConfig
+    from llm_finetune.base_model import BaseModel
+    from llm_finetune.config import Config
+    from llm_finetune.preflight import PublishTarget
 
 
 def training_dtype(requested: str) -> Any:
@@ -23,19 +25,13 @@ def training_dtype(requested: str) -> Any:
     return torch.float32
 
 
-def load_tokenizer(base_path: str, model_config: ModelConfig) -> Any:
-    """The base tokenizer, with a PAD token (EOS, as the handbook does) and right padding."""
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model or adapter folder (or Hub id), padded as for training."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        base_path,
-        revision=model_config.revision,
-        trust_remote_code=model_config.trust_remote_code,
+    return set_padding(
+        AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 def lora_config(config: Config) -> Any:
@@ -62,18 +58,25 @@ def training_device_map(cuda: bool) -> dict[str, int] | None:
 
 
 class HFBackend:
-    name = "hf"
+    """transformers + peft load and train; the streaming merge (`llm_finetune.merge`) saves."""
 
-    def load_for_training(self, config: Config, base_path: str) -> tuple[Any, Any]:
+    name = "hf"
+    verifies_in_fresh_process = False
+    samples_after_training = False
+
+    def prepare(self, config: Config) -> None:
+        """Nothing to import first, nothing this backend refuses."""
+
+    def load_for_training(self, config: Config, base: BaseModel) -> tuple[Any, Any]:
         import torch
         from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, set_seed
 
-        tokenizer = load_tokenizer(base_path, config.model)
+        tokenizer = load_tokenizer(base.path, base.revision, config.model.trust_remote_code)
         dtype = training_dtype(config.model.dtype)
         kwargs: dict[str, Any] = {
             "dtype": dtype,
-            "revision": config.model.revision,
+            "revision": base.revision,
             "trust_remote_code": config.model.trust_remote_code,
         }
         if config.model.attn_implementation:
@@ -92,7 +95,7 @@ class HFBackend:
         device_map = training_device_map(torch.cuda.is_available())
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
         if config.model.load_in_4bit and not shards_weights():
             # FSDP / ZeRO-3 need one dtype per shard: no fp32 upcast of the norms there
             model = prepare_model_for_kbit_training(
@@ -103,28 +106,54 @@ class HFBackend:
         set_seed(config.training.seed)
         try:
             model = get_peft_model(model, lora_config(config))
-        except ValueError as exc:  # e.g. target modules not found in the model
-            raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+        except ValueError as exc:
+            raise target_modules_error(exc) from None
         return model, tokenizer
+
+    def sample(self, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+        raise NotImplementedError("the hf backend takes no sample after training")
 
     def save_merged(
         self,
         model: Any,
         tokenizer: Any,
-        base_path: str,
+        base: BaseModel,
         adapter_dir: Path,
         output_dir: Path,
         config: Config,
     ) -> dict[str, Any]:
+        """The adapter on disk merged into the base's original 16-bit shards, one at a time
+        (the model in memory is not used: it may be 4-bit or sharded)."""
         from llm_finetune.merge import merge
 
         report = merge(
-            base_path,
+            base.path,
             adapter_dir,
             output_dir,
             dtype=config.merge.dtype,
             overwrite=config.overwrite,
-            revision=config.model.revision,
+            revision=base.revision,
             progress=print,
         )
         return report.as_dict()
+
+    def pushes_merged(self, config: Config) -> bool:
+        return False
+
+    def push_merged(
+        self,
+        model: Any,
+        tokenizer: Any,
+        target: PublishTarget,
+        config: Config,
+        commit_message: str,
+        staging: Path,
+        merge_facts: dict[str, Any],
+    ) -> dict[str, Any]:
+        raise NotImplementedError("the hf backend publishes the merged folder, not the model")
+
+    def merged_copies(self, config: Config) -> int:
+        return 1
+
+    def memory_beside_verification(self, config: Config, parameters: int) -> int:
+        return 0  # the trained model is freed before verification

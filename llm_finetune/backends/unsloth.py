@@ -32,10 +32,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_finetune.backends import set_padding, target_modules_error
 from llm_finetune.errors import UserError, first_line
+from llm_finetune.hub import require_token
 
 if TYPE_CHECKING:
+    from llm_finetune.base_model import BaseModel
     from llm_finetune.config import Config
+    from llm_finetune.preflight import PublishTarget
 
 CPU_SAVER_MODULE = "unsloth_zoo.cpu.loader"
 GPU_SAVER_MODULE = "unsloth.save"
@@ -100,15 +104,14 @@ def saver_module(model: Any) -> str:
 
 def _safetensors_dtypes(folder: Path) -> list[str]:
     """Tensor dtypes named in the safetensors headers (read without loading any tensor)."""
-    from llm_finetune.safetensors_stream import read_header
+    from llm_finetune.safetensors_stream import read_header, torch_dtype_name
 
     found = {
         info.dtype
         for path in folder.glob("*.safetensors")
         for info in read_header(path).tensors.values()
     }
-    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-    return sorted(names.get(d, d) for d in found)
+    return sorted(torch_dtype_name(d) for d in found)
 
 
 @contextlib.contextmanager
@@ -214,6 +217,20 @@ def patch_dpo_trainer(unsloth: Any) -> bool:
 
 class UnslothBackend:
     name = "unsloth"
+    # On GPUs Unsloth patches Llama's classes and peft's forward for every model its process
+    # loads: the merge is checked with the stock libraries a user loads the model with.
+    verifies_in_fresh_process = True
+    samples_after_training = True
+
+    def prepare(self, config: Config) -> None:
+        """Unsloth first (it patches transformers/peft/trl on import), then what it cannot do,
+        then, on a GPU, the toolchain its kernels are built with at the first step."""
+        import_unsloth(strict=True)
+        self.check_config(config)
+        import torch
+
+        if torch.cuda.is_available():
+            check_kernel_toolchain()
 
     @staticmethod
     def check_config(config: Config) -> None:
@@ -224,16 +241,16 @@ class UnslothBackend:
                 "bfloat16/float16, or backend: hf (or `llm-finetune merge --dtype float32` later)"
             )
 
-    def load_for_training(self, config: Config, base_path: str) -> tuple[Any, Any]:
+    def load_for_training(self, config: Config, base: BaseModel) -> tuple[Any, Any]:
         unsloth = import_unsloth()
         self.check_config(config)
         fast = unsloth.FastLanguageModel
         kwargs: dict[str, Any] = {
-            "model_name": base_path,
+            "model_name": base.path,
             "max_seq_length": config.model.max_seq_length,
             "dtype": unsloth_dtype(config.model.dtype),
             "load_in_4bit": config.model.load_in_4bit,
-            "revision": config.model.revision,
+            "revision": base.revision,
             "trust_remote_code": config.model.trust_remote_code,
             # The configured repo, not Unsloth's pre-quantized "-bnb-4bit" twin (GPU only).
             "use_exact_model_name": True,
@@ -241,9 +258,7 @@ class UnslothBackend:
         if config.model.attn_implementation:
             kwargs["attn_implementation"] = config.model.attn_implementation
         model, tokenizer = fast.from_pretrained(**kwargs)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
+        set_padding(tokenizer)
         lora = config.lora
         try:
             model = fast.get_peft_model(
@@ -259,14 +274,13 @@ class UnslothBackend:
                 random_state=config.training.seed,
                 use_rslora=lora.use_rslora,
             )
-        except ValueError as exc:  # e.g. target modules not found in the model
-            raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+        except ValueError as exc:
+            raise target_modules_error(exc) from None
         if config.method == "dpo":
             patch_dpo_trainer(unsloth)
         return model, tokenizer
 
-    @staticmethod
-    def sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    def sample(self, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
         """The handbook's look after training: `FastLanguageModel.for_inference(model)`, then
         one greedy generation from the model in memory (before any merge)."""
         import torch
@@ -286,7 +300,7 @@ class UnslothBackend:
         self,
         model: Any,
         tokenizer: Any,
-        base_path: str,
+        base: BaseModel,
         adapter_dir: Path,
         output_dir: Path,
         config: Config,
@@ -305,7 +319,7 @@ class UnslothBackend:
             # unsloth/save.py: the default safe_serialization=True turns into a pickle on hosts
             # with <= 2 physical CPUs; None pins safetensors (GPU path, untested here).
             kwargs["safe_serialization"] = None
-            base_folder = resolve_base_folder(base_path, config.model.revision)
+            base_folder = resolve_base_folder(base.path, base.revision)
         output_dir = Path(output_dir)
         with atomic_dir(
             output_dir, overwrite=config.overwrite, what="merged model folder"
@@ -326,12 +340,12 @@ class UnslothBackend:
         quantized = bool(getattr(getattr(model, "config", None), "quantization_config", None))
         if on_cpu:
             merged_from = (
-                f"the in-memory model (base {base_path} loaded in {model_dtype}), merged by peft "
+                f"the in-memory model (base {base.path} loaded in {model_dtype}), merged by peft "
                 f"merge_and_unload on a deep copy"
             )
         else:
             merged_from = (
-                f"the original 16-bit base weights of {base_path}, re-read shard by shard "
+                f"the original 16-bit base weights of {base.path}, re-read shard by shard "
                 f"from {base_folder}"
             )
         facts: dict[str, Any] = {
@@ -360,33 +374,41 @@ class UnslothBackend:
             )
         return facts
 
+    def pushes_merged(self, config: Config) -> bool:
+        return config.publish.enabled  # the handbook's push_to_hub_merged
 
-def _hub_constants_for(endpoint: str) -> contextlib.AbstractContextManager[None]:
-    """Point huggingface_hub and transformers at `endpoint` for one call, restored afterwards.
-
-    huggingface_hub reads HF_ENDPOINT once, at import (constants.ENDPOINT and the download URL
-    template), and transformers keeps one HfApi made at first use; push_to_hub_merged accepts no
-    endpoint. So these three are swapped for the duration of the call.
-    """
-
-    @contextlib.contextmanager
-    def swap() -> Iterator[None]:
-        import transformers.utils.hub as tf_hub
-        from huggingface_hub import constants
-
-        endpoint_ = endpoint.rstrip("/")
-        saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, tf_hub._hf_api)
-        constants.ENDPOINT = endpoint_
-        constants.HUGGINGFACE_CO_URL_TEMPLATE = (
-            endpoint_ + "/{repo_id}/resolve/{revision}/{filename}"
+    def push_merged(
+        self,
+        model: Any,
+        tokenizer: Any,
+        target: PublishTarget,
+        config: Config,
+        commit_message: str,
+        staging: Path,
+        merge_facts: dict[str, Any],
+    ) -> dict[str, Any]:
+        base_folder = merge_facts.get("base_folder")  # what the GPU merge read, if it did
+        return push_merged(
+            model,
+            tokenizer,
+            target.repo_id,
+            target.token,
+            private=config.publish.private,
+            commit_message=f"{commit_message}: merged_16bit ({config.merge.dtype}) by Unsloth",
+            revision=config.publish.revision,
+            endpoint=target.endpoint,
+            merge_dtype=config.merge.dtype,
+            staging=staging,
+            base_folder=Path(base_folder) if base_folder else None,
         )
-        tf_hub._hf_api = None  # re-created by transformers with the endpoint above
-        try:
-            yield
-        finally:
-            constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, tf_hub._hf_api = saved
 
-    return swap()
+    def merged_copies(self, config: Config) -> int:
+        return 2 if self.pushes_merged(config) else 1  # the push saves its own copy first
+
+    def memory_beside_verification(self, config: Config, parameters: int) -> int:
+        if not self.pushes_merged(config):
+            return 0
+        return int(parameters * (0.6 if config.model.load_in_4bit else 2))  # kept to push
 
 
 @contextlib.contextmanager
@@ -442,31 +464,26 @@ def push_merged(
     GPU push merges into (`save_merged`'s `base_folder`; see `_merging_from`). Returns the
     branch's files and commits after the push (read back from the endpoint).
     """
-    if not token:
-        raise UserError("no Hub token found: export HF_TOKEN=<token> or run `hf auth login`")
+    token = require_token(token)
     import_unsloth()
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
 
-    from llm_finetune.publish import (
+    from llm_finetune.hub import (
         RetryPolicy,
-        _explain_http_error,
         client_timeout,
+        explain_http_error,
+        hub_api,
         hub_client_settings,
+        libraries_endpoint,
     )
 
     target = (endpoint or constants.ENDPOINT).rstrip("/")
-    redirect = (
-        _hub_constants_for(target)
-        if target != constants.ENDPOINT.rstrip("/")
-        else contextlib.nullcontext()
-    )
-    from huggingface_hub.errors import HfHubHTTPError
-
     message = commit_message or "Upload merged_16bit model"
-    api = HfApi(endpoint=target, token=token, library_name="llm-finetune")
+    api = hub_api(target, token)
     with (
         hub_client_settings(target),
-        redirect,
+        libraries_endpoint(target),
         client_timeout(RetryPolicy().timeout),
         _temporary_files_in(staging),
     ):
@@ -496,7 +513,7 @@ def push_merged(
             commits = api.list_repo_commits(repo_id, revision=revision)
             files = sorted(api.list_repo_files(repo_id, revision=commits[0].commit_id))
         except HfHubHTTPError as exc:
-            raise _explain_http_error(exc, target, repo_id) from None
+            raise explain_http_error(exc, target, repo_id) from None
         except OSError as exc:
             raise UserError(f"upload to {target} failed: {exc}; re-run the publish") from None
         except Exception as exc:  # httpx transport errors are not OSErrors
