@@ -51,6 +51,7 @@ def test_the_first_losses_are_the_pinned_ones(trained_adapter):
 
 def test_dpo_trains_and_saves_adapter(tiny_base, tmp_path):
     from llm_finetune.backends.hf import HFBackend
+    from llm_finetune.base_model import BaseModel
     from llm_finetune.data import format_dataset, load_raw
     from llm_finetune.train import train, training_arguments
 
@@ -70,7 +71,7 @@ def test_dpo_trains_and_saves_adapter(tiny_base, tmp_path):
         },
     )
     args = training_arguments(config, tmp_path / "ckpt")
-    model, tokenizer = HFBackend().load_for_training(config, tiny_base)
+    model, tokenizer = HFBackend().load_for_training(config, BaseModel(tiny_base, tiny_base))
     splits = format_dataset(load_raw(config.data), config.data, tokenizer)
     result = train(config, args, model, tokenizer, splits, tmp_path / "adapter")
     assert result.steps == 4
@@ -99,11 +100,12 @@ def test_the_lora_init_follows_training_seed_not_the_processs_random_state(tiny_
     import torch
 
     from llm_finetune.backends.hf import HFBackend
+    from llm_finetune.base_model import BaseModel
 
     def lora_a(seed: int, rng_state: int) -> torch.Tensor:
         config = tiny_config(tmp_path, training={"seed": seed})
         torch.manual_seed(rng_state)  # what other code drew before the model was loaded
-        model, _ = HFBackend().load_for_training(config, tiny_base)
+        model, _ = HFBackend().load_for_training(config, BaseModel(tiny_base, tiny_base))
         return next(p for n, p in model.named_parameters() if "lora_A" in n).detach().clone()
 
     assert torch.equal(lora_a(seed=3, rng_state=1), lora_a(seed=3, rng_state=2))
