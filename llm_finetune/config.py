@@ -102,9 +102,7 @@ class MergeConfig(_Strict):
 
 class VerifyConfig(_Strict):
     enabled: bool = True
-    prompts: list[str] = Field(
-        default_factory=lambda: [DEFAULT_VERIFY_PROMPT]
-    )
+    prompts: list[str] = Field(default_factory=lambda: [DEFAULT_VERIFY_PROMPT])
     max_new_tokens: int = Field(32, ge=1)
 
 
