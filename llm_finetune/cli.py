@@ -192,10 +192,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Telemetry pings are not ours to send (HF_HUB_DISABLE_TELEMETRY=0 opts back in). Unsloth's
-    # statistics (a README fetched from the Hub at load time) would also stall an offline box.
+    # Telemetry pings are not ours to send (HF_HUB_DISABLE_TELEMETRY=0 opts back in).
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     if not is_main_process():  # one log for a multi-process run: quiet the libraries here
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -140,9 +140,9 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
 
 def _this_code() -> dict[str, str | None]:
     """Which llm-finetune made the outputs: its version, and its commit in a checkout."""
-    from importlib import metadata
+    from llm_finetune import __version__
 
-    return {"version": metadata.version("llm-finetune"), "commit": source_commit()}
+    return {"version": __version__, "commit": source_commit()}
 
 
 def _wait_for_main_process() -> None:

@@ -6,8 +6,8 @@ Import order: Unsloth must be imported before transformers, peft and trl in the 
 patches them when it is imported; imported later it warns "Unsloth should be imported before
 [trl, transformers, peft] ..." and a `from trl import SFTTrainer` bound earlier keeps the
 unpatched class). Nothing heavy is imported at module level here; `import_unsloth()` does the
-import and says when it came too late. The pipeline must call it before anything imports
-transformers (in practice: before `load_raw`, which imports datasets -> huggingface_hub).
+import and says when it came too late. `UnslothBackend.prepare` calls it first thing in the
+preflight, before anything imports transformers.
 
 Two implementations hide behind the same two methods, chosen by Unsloth when it is imported:
 - no GPU (Unsloth >= 2026.5 falls back to the CPU): `unsloth_zoo/cpu/loader.py`, i.e. stock
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -74,6 +75,8 @@ def import_unsloth(strict: bool = False) -> Any:
             "backend: unsloth is not installed: on a CUDA machine pip install -e '.[gpu]'; "
             "on a CPU machine scripts/install_unsloth_cpu.sh <venv> (or use backend: hf)"
         )
+    # Its statistics (a README fetched from the Hub at load time) would stall an offline box.
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     try:
         import unsloth
     except Exception as exc:  # e.g. UNSLOTH_DISABLE_CPU_FALLBACK=1 without a GPU
@@ -183,7 +186,6 @@ def check_kernel_toolchain() -> None:
     """On a GPU, Triton compiles a small C launcher for Unsloth's kernels at the first training
     step, with the host C compiler and the Python headers (Triton's runtime/build.py): slim
     images lack one or both, and the run would fail only after the model has loaded."""
-    import os
     import sysconfig
 
     compiler = os.environ.get("CC") or next(
