@@ -22,6 +22,16 @@ def refuse_existing(path: Path, overwrite: bool, what: str) -> None:
         )
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` is meant as a folder on this machine, so that a missing one is reported
+    as missing rather than looked up on the Hub: it exists, starts with `.`, `/` or `~`, ends
+    with a separator, has more parts than `namespace/name`, or its parent folder exists."""
+    if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1:
+        return True
+    path = Path(name).expanduser()
+    return path.exists() or (path.parent != Path(".") and path.parent.is_dir())
+
+
 def existing_ancestor(path: Path) -> Path:
     """`path`, or the nearest folder above it that exists (where it will be made)."""
     while not path.exists():

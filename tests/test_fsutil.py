@@ -74,3 +74,14 @@ def test_the_disk_check_looks_at_the_nearest_existing_folder(tmp_path, monkeypat
     assert asked == [tmp_path]
     with pytest.raises(UserError, match=r"not enough disk for the base's download in .* it needs"):
         fsutil.check_free_disk(output, 10**9, "the base's download")
+
+
+def test_names_that_look_like_folders_are_never_hub_ids(tmp_path, monkeypatch):
+    from llm_finetune.fsutil import looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for folder in ("./x", "/x", "x/", "~/x", "a/b/c", "outputs/missing", "outputs"):
+        assert looks_like_local_path(folder), folder
+    for hub_id in ("gpt2", "meta-llama/Llama-3.1-8B", "alice/base"):
+        assert not looks_like_local_path(hub_id), hub_id
