@@ -12,8 +12,10 @@ and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -23,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.errors import UserError, first_line
-from llm_finetune.fsutil import atomic_dir, check_free_disk
+from llm_finetune.fsutil import (
+    atomic_dir,
+    check_free_disk,
+    existing_ancestor,
+    looks_like_local_path,
+)
 
 DTYPES = ("bfloat16", "float16", "float32")
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -91,61 +98,284 @@ class MergeReport:
 # Reading the adapter
 
 
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; a file that does not is named in one line."""
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(
+                f"{path} is a link to {os.readlink(path)}, which does not exist; {fix}"
+            ) from None
+        raise UserError(f"{path} does not exist; {fix}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}; {fix}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{path} is not valid JSON ({first_line(exc)}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
+
+
+ADAPTER_FIX = (
+    "copy adapter_config.json and adapter_model.safetensors again, together, from the folder "
+    "that save_pretrained wrote"
+)
+# LoRA variants whose merge is not W + s·B@A (DoRA is merged here) and options that change which
+# weights exist: refused rather than merged as plain LoRA.
+UNSUPPORTED = (
+    "target_parameters",
+    "trainable_token_indices",
+    "modules_to_tie",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "use_qalora",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
+)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite number that arithmetic in float keeps finite (JSON allows NaN and huge ints)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return _is_int(value) and abs(value) < 1 << 63
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json, with every field the merge uses checked as peft would use it: a
+    wrong type would fail deep inside peft or, worse, change the scale of the merge."""
     config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
+    if not (config_file.is_file() or config_file.is_symlink()):
         raise UserError(
             f"{str(adapter_dir)!r} is not a LoRA adapter folder (no adapter_config.json); "
             "pass the folder that `save_pretrained` of a peft model wrote"
         )
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"adapter type {config['peft_type']!r} is not LoRA; only LoRA merges")
-    for unsupported in ("target_parameters", "trainable_token_indices", "modules_to_tie"):
+    config = read_json_object(config_file, ADAPTER_FIX)
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UserError(
+            f"{config_file}: adapter type {_short(peft_type)} is not LoRA; only LoRA merges"
+        )
+    for unsupported in UNSUPPORTED:
         if config.get(unsupported):
-            raise UserError(
-                f"adapter_config.json sets {unsupported}, which this merge does not support"
-            )
+            raise UserError(f"{config_file} sets {unsupported}, which this merge does not support")
+    if config.get("init_lora_weights") == "mica":
+        raise UserError(
+            f"{config_file} sets init_lora_weights mica, which this merge does not support"
+        )
+    _check_config_fields(config, config_file)
     return config
 
 
-def _scale(config: dict[str, Any], module: str, rank: int) -> float:
-    """alpha/r (alpha/√r for rsLoRA); the module's alpha_pattern entry matches as in peft:
-    the pattern is a suffix of the module path (peft.utils.other.get_pattern_key)."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+def _check_config_fields(config: dict[str, Any], config_file: Path) -> None:
+    def refuse(key: str, expected: str) -> UserError:
+        return UserError(
+            f"{config_file}: {key} is {_short(config.get(key))}, expected {expected}; "
+            + ADAPTER_FIX
+        )
+
+    for key in ("r", "lora_alpha"):  # peft has defaults, but the scale alpha/r would be a guess
+        if key not in config:
+            raise UserError(
+                f"{config_file} has no {key}, which sets the merge's scale; {ADAPTER_FIX}"
+            )
+    if not _is_int(config["r"]) or config["r"] < 1:
+        raise refuse("r", "a positive integer")
+    if not _is_number(config["lora_alpha"]):
+        raise refuse("lora_alpha", "a number")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if config.get(key) not in (None, True, False):
+            raise refuse(key, "true or false")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise refuse("bias", '"none", "all" or "lora_only"')
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        if isinstance(value, str) and not _compiles(value):
+            raise refuse(key, "a regular expression that compiles")
+        if not (value is None or isinstance(value, str) or _is_names(value)):
+            raise refuse(key, "a list of module names or a regular expression")
+    # Each pattern must compile inside the expression peft builds from it.
+    saved = config.get("modules_to_save")
+    if saved is not None and not (
+        _is_names(saved) and all(_compiles(rf"(^|.*\.){m}($|\..*)") for m in saved)
+    ):
+        raise refuse("modules_to_save", "a list of module names")
+    layers, layers_pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if not (
+        layers is None
+        or _is_int(layers)
+        or (isinstance(layers, list) and all(map(_is_int, layers)))
+    ):
+        raise refuse("layers_to_transform", "a layer number or a list of them")
+    names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if layers_pattern is not None and not (
+        _is_names(names) and all(_compiles(rf"(?:^|.*?\.){n}\.(?P<idx>\d+)\.") for n in names)
+    ):
+        raise refuse("layers_pattern", "a name or a list of names")
+    if isinstance(config.get("target_modules"), str) and (layers, layers_pattern) != (None, None):
+        raise refuse("target_modules", "a list when layers_to_transform or layers_pattern is set")
+    if layers_pattern and layers is None:
+        raise refuse("layers_to_transform", "a value when layers_pattern is set")
+    for key, valid in (
+        ("rank_pattern", lambda v: _is_int(v) and v >= 1),
+        ("alpha_pattern", _is_number),
+    ):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(
+            _compiles(rf"(.*\.)?({k})$") and valid(v) for k, v in patterns.items()
+        ):
+            raise refuse(
+                key,
+                "a map from module name patterns to "
+                + ("ranks" if key == "rank_pattern" else "numbers"),
+            )
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """The value of the first pattern that is a suffix of the module path, else `default`
+    (peft.utils.other.get_pattern_key, as rank_pattern and alpha_pattern use it)."""
+    for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
+            return value
+    return default
+
+
+def _rank(config: dict[str, Any], module: str) -> int:
+    return _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+
+
+def _scale(config: dict[str, Any], module: str) -> float:
+    """alpha/r (alpha/√r for rsLoRA), each from the module's pattern entry when it has one."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    rank = _rank(config, module)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+def targeted(config: dict[str, Any], module: str) -> bool:
+    """Whether peft puts LoRA on `module`, a module path of the base model
+    (peft.tuners.tuners_utils.check_target_module_exists): LoRA weights of any other module
+    are ignored by peft, so a merge that used them would not be what peft computes."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str):
+        if re.fullmatch(exclude, module):
+            return False
+    elif exclude and (module in exclude or any(module.endswith(f".{e}") for e in exclude)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
+        return False
+    if config.get("ensure_weight_tying") and f"{module}.weight" == HEAD:
+        return True  # peft adapts the head tied to an adapted embedding (not in target_modules)
+    targets = config.get("target_modules")
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return True  # peft fills these in from the architecture when the adapter is made
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{t}") for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _saved_whole(config: dict[str, Any], name: str) -> bool:
+    """Whether peft saves base tensor `name` whole: a module of modules_to_save (or inside
+    one; peft.utils.other._set_trainable matches by suffix), or a bias trained with bias=all."""
+    parts = name.split(".")
+    ancestors = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+    saved = config.get("modules_to_save") or []
+    if any(a.endswith(m) for a in ancestors for m in saved):
+        return True
+    return name.endswith(".bias") and config.get("bias") == "all"
+
+
+PARTS = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
+    r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|"
+    r"base_layer\.weight|base_layer\.bias)$"
+)
+
+
 def read_adapter(adapter_dir: Path) -> Adapter:
-    """Group the adapter's tensors by module, the way peft saved them."""
+    """Group the adapter's tensors by module, the way peft saved them, and check them against
+    the config as peft's loading would: a tensor peft would ignore or refuse is refused."""
     from llm_finetune.safetensors_stream import read_all
 
     config = read_adapter_config(adapter_dir)
+    config_file = Path(adapter_dir) / "adapter_config.json"
     weights_file = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights_file.is_file():
+    if not (weights_file.is_file() or weights_file.is_symlink()):
         raise UserError(
             f"{str(adapter_dir)!r} has no adapter_model.safetensors (weights must be safetensors; "
             "re-save the adapter with save_pretrained(..., safe_serialization=True))"
         )
     modules: dict[str, LoraModule] = {}
     replacements: dict[str, Any] = {}
-    pattern = re.compile(
-        r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
-        r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|base_layer\.weight)$"
-    )
     for key, tensor in read_all(weights_file).items():
+        if not key.startswith(PREFIX):
+            raise UserError(
+                f"{weights_file}: tensor {_short(key)} is not named as peft saves adapters "
+                f"({PREFIX}...), so peft would ignore it; {ADAPTER_FIX}"
+            )
         name = key.removeprefix(PREFIX)
-        match = pattern.match(name)
-        if match is None:  # a full tensor of a module in modules_to_save
+        match = PARTS.match(name)
+        if match is None:
+            if not _saved_whole(config, name):
+                raise UserError(
+                    f"{weights_file}: {name} is a whole tensor that neither modules_to_save nor "
+                    f"bias in {config_file.name} accounts for, so peft would ignore it; "
+                    + ADAPTER_FIX
+                )
             replacements[name] = tensor
             continue
-        module = match["module"]
+        module, part = match["module"], match["part"]
         entry = modules.setdefault(module, LoraModule(module))
-        part = match["part"]
+        kind = "embedding" if part.startswith("lora_embedding") else "linear"
+        if part in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"):
+            if kind != entry.kind and (entry.lora_a is not None or entry.lora_b is not None):
+                raise UserError(
+                    f"{weights_file}: {module} has both Linear and Embedding LoRA weights; "
+                    + ADAPTER_FIX
+                )
+            entry.kind = kind
         if part in ("lora_A.weight", "lora_embedding_A"):
             entry.lora_a = tensor
         elif part in ("lora_B.weight", "lora_embedding_B"):
@@ -154,17 +384,76 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             entry.bias = tensor
         elif part == "base_layer.weight":
             entry.base_copy = tensor
+        elif part == "base_layer.bias":  # the layer's own bias, trained with bias=all/lora_only
+            if config.get("bias", "none") == "none":
+                raise UserError(
+                    f"{weights_file}: {name} is a trained bias but {config_file.name} has "
+                    f"bias none, so peft would ignore it; {ADAPTER_FIX}"
+                )
+            replacements[f"{module}.bias"] = tensor
         else:
             entry.magnitude = tensor
-        if part.startswith("lora_embedding"):
-            entry.kind = "embedding"
+    if not modules:
+        raise UserError(
+            f"{weights_file} holds no LoRA weights (lora_A/lora_B): merging it would copy the "
+            f"base unchanged; {ADAPTER_FIX}"
+        )
     for entry in modules.values():
-        if entry.lora_a is None or entry.lora_b is None:
-            raise UserError(f"adapter module {entry.module} lacks lora_A or lora_B weights")
-        if entry.magnitude is not None and entry.kind == "embedding":
-            raise UserError(f"adapter module {entry.module}: DoRA on embeddings is not supported")
-        entry.scale = _scale(config, entry.module, entry.lora_a.shape[0])
+        _check_module(entry, config, config_file, weights_file)
+        entry.scale = _scale(config, entry.module)
     return Adapter(config, {f"{m}.weight": e for m, e in modules.items()}, replacements)
+
+
+def _check_module(
+    entry: LoraModule, config: dict[str, Any], config_file: Path, weights_file: Path
+) -> None:
+    """One module's tensors against each other and against what the config claims for it."""
+    module = entry.module
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"{weights_file}: {module} {what}; {ADAPTER_FIX}")
+
+    if entry.lora_a is None or entry.lora_b is None:
+        missing = "lora_A" if entry.lora_a is None else "lora_B"
+        raise refuse(f"has no {missing} weight, only half of a LoRA pair")
+    a, b = entry.lora_a, entry.lora_b
+    if a.dim() != 2 or b.dim() != 2:
+        raise refuse(
+            f"has LoRA weights of shapes {list(a.shape)} and {list(b.shape)}; only Linear and "
+            "Embedding LoRA (2-D weights) merge"
+        )
+    if a.shape[0] != b.shape[1]:
+        raise refuse(f"has lora_A of rank {a.shape[0]} but lora_B of rank {b.shape[1]}")
+    rank = _rank(config, module)
+    if a.shape[0] != rank:
+        source = "rank_pattern" if rank != config["r"] else "r"
+        raise UserError(
+            f"{config_file}: {source} says rank {rank} for {module}, but its weights in "
+            f"{weights_file.name} have rank {a.shape[0]}: peft refuses this adapter, and a merge "
+            f"would use the wrong scale; {ADAPTER_FIX}"
+        )
+    if not targeted(config, module):
+        raise UserError(
+            f"{config_file}: target_modules (with exclude_modules, layers_to_transform, "
+            f"modules_to_save) does not cover {module}, which has LoRA weights in "
+            f"{weights_file.name}; peft would ignore them; {ADAPTER_FIX}"
+        )
+    if entry.magnitude is not None and entry.kind == "embedding":
+        raise UserError(f"adapter module {module}: DoRA on embeddings is not supported")
+    if bool(config.get("use_dora")) != (entry.magnitude is not None):
+        raise UserError(
+            f"{config_file}: use_dora is {bool(config.get('use_dora'))} but {module} "
+            f"{'has' if entry.magnitude is not None else 'has no'} lora_magnitude_vector in "
+            f"{weights_file.name}; {ADAPTER_FIX}"
+        )
+    if entry.bias is not None and not config.get("lora_bias"):
+        raise UserError(
+            f"{config_file}: lora_bias is not true but {module} has a lora_B.bias in "
+            f"{weights_file.name}, which peft would ignore; {ADAPTER_FIX}"
+        )
+    for part, tensor in (("lora_magnitude_vector", entry.magnitude), ("lora_B.bias", entry.bias)):
+        if tensor is not None and tuple(tensor.shape) != (b.shape[0],):
+            raise refuse(f"has a {part} of shape {list(tensor.shape)}, not [{b.shape[0]}]")
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,10 +492,17 @@ def merged_weight(
 
 
 def resolve_base_folder(base: str, revision: str | None) -> Path:
-    """A local folder as is; a Hub id downloaded once (weights, config, tokenizer)."""
+    """A local folder as is; a Hub id downloaded once (weights, config, tokenizer). A name
+    that looks like a path (`./x`, `/x`, `x/`, an existing parent) is never looked up."""
     local = Path(base).expanduser()
     if local.is_dir():
         return local
+    if looks_like_local_path(base):
+        what = "is not a folder" if local.exists() else "does not exist"
+        raise UserError(
+            f"base {base!r} {what}; pass the base model's folder, or a Hub id such as "
+            "meta-llama/Llama-3.1-8B"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -216,13 +512,25 @@ def resolve_base_folder(base: str, revision: str | None) -> Path:
         raise UserError(f"base {base!r}: cannot download it: {reason}") from None
 
 
+BASE_FIX = "download or copy the base model again"
+
+
 def base_shards(folder: Path) -> list[Path]:
+    """The base's safetensors files; they are checked when their headers are read."""
     index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    if index.is_file() or index.is_symlink():
+        weight_map = read_json_object(index, BASE_FIX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+            for name in weight_map.values()
+        ):
+            raise UserError(
+                f"{index}: weight_map is not a map from tensor names to file names in the "
+                f"folder; {BASE_FIX}"
+            )
         return [folder / name for name in dict.fromkeys(weight_map.values())]
     single = folder / "model.safetensors"
-    if single.is_file():
+    if single.is_file() or single.is_symlink():
         return [single]
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
         raise UserError(
@@ -241,7 +549,8 @@ def refuse_quantized_base(config: dict[str, Any], base: str) -> None:
 
 
 def _tied(config: dict[str, Any]) -> bool:
-    text = config.get("text_config") or {}
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else {}
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
@@ -277,7 +586,15 @@ def plan_merge(
     from llm_finetune.safetensors_stream import element_size, read_header, safetensors_code
 
     headers = {p.name: read_header(p) for p in shards}
-    where = {n: shard for shard, h in headers.items() for n in h.tensors}
+    where: dict[str, str] = {}
+    for shard, header in headers.items():
+        for name in header.tensors:
+            if where.setdefault(name, shard) != shard:
+                raise UserError(
+                    f"base tensor {name} is in both {where[name]} and {shard}: the shards come "
+                    f"from different downloads; {BASE_FIX}"
+                )
+    _refuse_non_float_targets(headers, where, [*adapter.modules, *adapter.replacements])
     changes: dict[str, list[LoraModule]] = {}
     for key, lora in adapter.modules.items():
         if key in adapter.replacements:
@@ -306,6 +623,12 @@ def plan_merge(
                 bias_key = target.removesuffix(".weight") + ".bias"
                 if bias_key not in where:
                     raise UserError(f"{lora.module} has a LoRA bias but the base layer has no bias")
+                if bias_key in replacements:
+                    raise UserError(
+                        f"{lora.module}: its bias is both trained whole (bias) and adapted "
+                        "(lora_bias); cannot merge"
+                    )
+                _refuse_non_float_targets(headers, where, [bias_key])
                 bias_updates[bias_key] = lora
     for key, tensor in replacements.items():
         if key in where and tuple(tensor.shape) != headers[where[key]].tensors[key].shape:
@@ -320,6 +643,20 @@ def plan_merge(
     if untie and HEAD not in where:
         output_bytes += math.prod(replacements[HEAD].shape) * target_size
     return Plan(headers, where, changes, replacements, bias_updates, untie, output_bytes)
+
+
+def _refuse_non_float_targets(
+    headers: dict[str, Any], where: dict[str, str], keys: list[str]
+) -> None:
+    """Base tensors the adapter changes must be floating point: integer or packed weights are
+    a quantized checkpoint, which the merge would have to dequantize."""
+    for key in keys:
+        info = headers[where[key]].tensors[key] if key in where else None
+        if info is not None and info.dtype not in FLOAT_DTYPES:
+            raise UserError(
+                f"{headers[where[key]].path}: {key}, which the adapter changes, is stored as "
+                f"{info.dtype}: a quantized checkpoint; pass the original 16-bit base model"
+            )
 
 
 def _resolve_tied(
@@ -339,10 +676,10 @@ def _resolve_tied(
     """
     import torch
 
-    from llm_finetune.safetensors_stream import read_rows
+    from llm_finetune.safetensors_stream import open_for_reading, read_rows
 
     header = headers[where[embedding]]
-    with open(header.path, "rb") as f:
+    with open_for_reading(header.path) as f:
         shared = read_rows(f, header.tensors[embedding]).float()
 
     def effective(key: str) -> Any:
@@ -401,7 +738,7 @@ def _check_shape(lora: LoraModule, base: Any, fan_in_fan_out: bool) -> None:
 def _write_shards(
     plan: Plan, staging: Path, dtype: str, fan_in_fan_out: bool, progress: Callable[[str], None]
 ) -> tuple[int, dict[str, str]]:
-    from llm_finetune.safetensors_stream import ShardWriter, safetensors_code
+    from llm_finetune.safetensors_stream import ShardWriter, open_for_reading, safetensors_code
 
     target_name = safetensors_code(dtype)
     weight_map: dict[str, str] = {}
@@ -422,7 +759,7 @@ def _write_shards(
                 layout[name] = (info.dtype, info.shape)
         writer = ShardWriter(staging / shard, layout, {"format": "pt"})
         try:
-            with open(header.path, "rb") as source:
+            with open_for_reading(header.path) as source:
                 for name in names:
                     info = header.tensors.get(name)
                     changed = name in plan.replacements or name in plan.changes
@@ -507,7 +844,7 @@ def align_eos(
 
 def align_eos_in_folder(folder: Path, eos_id: int | None, pad_id: int | None) -> list[str]:
     """`align_eos` on a model folder written by someone else (Unsloth's merged save)."""
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json", f"re-save the model in {folder}")
     generation = _read_generation(folder, config)
     fixes = align_eos(config, generation, eos_id, pad_id)
     if fixes:
@@ -519,7 +856,7 @@ def _read_generation(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The folder's generation_config.json, else the special token ids from its config."""
     generation_file = folder / "generation_config.json"
     if generation_file.is_file():
-        return json.loads(generation_file.read_text())
+        return read_json_object(generation_file, f"delete it or copy it again into {folder}")
     return {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
@@ -532,23 +869,31 @@ def _write_config_and_generation(
 
 def _special_token_id(folder: Path, name: str) -> int | None:
     """The id of the tokenizer's `eos_token`/`pad_token`, read from its files."""
+    fix = f"copy the tokenizer files into {folder} again"
     token = None
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
         if (folder / file).is_file():
-            token = json.loads((folder / file).read_text()).get(name)
+            token = read_json_object(folder / file, fix).get(name)
             if token is not None:
                 break
     if isinstance(token, dict):
         token = token.get("content")
     if token is None:
         return None
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+    if not isinstance(token, str):
+        raise UserError(f"{folder}: the tokenizer's {name} is {_short(token)}, not a token; {fix}")
+    try:
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(token)
-    from transformers import AutoTokenizer  # sentencepiece-only tokenizers
+            return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(token)
+        from transformers import AutoTokenizer  # sentencepiece-only tokenizers
 
-    return AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(token)
+        return AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(token)
+    except Exception as exc:  # a damaged tokenizer file, in the loader's words
+        raise UserError(
+            f"the tokenizer in {folder} does not load ({first_line(exc)}); {fix}"
+        ) from None
 
 
 def _copy_tokenizer(base_folder: Path, adapter: Path, staging: Path) -> Path | None:
@@ -585,6 +930,22 @@ def _merged_configs(
     return config, generation, fixes
 
 
+def check_output_parent(output: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be made: under a file, or in a
+    folder this user cannot write to (or on a read-only disk)."""
+    parent = existing_ancestor(output.absolute().parent)
+    if not parent.is_dir():
+        raise UserError(
+            f"output folder {str(output)!r} cannot be made: {str(parent)!r} is a file; "
+            "choose another output folder"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"output folder {str(output)!r} cannot be made: {str(parent)!r} is not writable "
+            "(permissions, or a read-only disk); choose another output folder"
+        )
+
+
 @contextlib.contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     import torch
@@ -613,31 +974,44 @@ def merge(
 
     start = time.perf_counter()
     adapter, output = Path(adapter), Path(output)
+    check_output_parent(output)
     with freed_memory_returned_to_the_os():  # process-wide: set back for what runs after
         lora = read_adapter(adapter)
         base_folder = resolve_base_folder(base, revision)
-        if not (base_folder / "config.json").is_file():
-            raise UserError(f"base {base!r} has no config.json")
-        base_config = json.loads((base_folder / "config.json").read_text())
+        if not (
+            (base_folder / "config.json").is_file() or (base_folder / "config.json").is_symlink()
+        ):
+            raise UserError(
+                f"base {base!r} has no config.json; pass the folder that save_pretrained wrote"
+            )
+        base_config = read_json_object(base_folder / "config.json", BASE_FIX)
         refuse_quantized_base(base_config, base)
         fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
         plan = plan_merge(lora, base_shards(base_folder), base_config, dtype, fan_in_fan_out)
         check_free_disk(output, plan.output_bytes)
-        with (
-            atomic_dir(output, overwrite=overwrite, what="merged model folder") as staging,
-            _torch_threads(1),  # cache-sized blocks: one compute thread, the other core writes
-        ):
-            written, weight_map = _write_shards(plan, staging, dtype, fan_in_fan_out, progress)
-            if len(plan.headers) > 1:
-                index = {"metadata": {"total_size": written}, "weight_map": weight_map}
-                (staging / INDEX_FILE).write_text(
-                    json.dumps(index, indent=2, sort_keys=True) + "\n"
+        try:
+            with (
+                atomic_dir(output, overwrite=overwrite, what="merged model folder") as staging,
+                _torch_threads(1),  # cache-sized blocks: one compute thread, the other writes
+            ):
+                written, weight_map = _write_shards(plan, staging, dtype, fan_in_fan_out, progress)
+                if len(plan.headers) > 1:
+                    index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+                    (staging / INDEX_FILE).write_text(
+                        json.dumps(index, indent=2, sort_keys=True) + "\n"
+                    )
+                tokenizer = _copy_tokenizer(base_folder, adapter, staging)
+                config, generation, fixes = _merged_configs(
+                    base_folder, base_config, dtype, plan.untie, tokenizer
                 )
-            tokenizer = _copy_tokenizer(base_folder, adapter, staging)
-            config, generation, fixes = _merged_configs(
-                base_folder, base_config, dtype, plan.untie, tokenizer
-            )
-            _write_config_and_generation(staging, config, generation)
+                _write_config_and_generation(staging, config, generation)
+        except OSError as exc:  # atomic_dir has removed what was written
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(
+                f"the disk filled while writing the merged model {str(output)!r} "
+                f"({exc.strerror}); nothing was kept: free space or choose another output folder"
+            ) from None
     base_dtype = sorted({i.dtype for h in plan.headers.values() for i in h.tensors.values()})
     merged = sum(len(v) for v in plan.changes.values())
     return MergeReport(

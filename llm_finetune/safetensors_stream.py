@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import json
 import math
+import os
 import queue
 import struct
 import threading
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from llm_finetune.errors import UserError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -72,29 +75,189 @@ def safetensors_code(name: str) -> str:
     return next(code for code, dtype in DTYPES.items() if dtype == getattr(torch, name))
 
 
+class DamagedFile(UserError):
+    """A file that is not what its name says: cut short, overwritten, or never a safetensors
+    file. Refused when its header is read, in one line that names the file, before any output
+    is written."""
+
+
+# Bits per element of every dtype the safetensors format defines (safetensors 0.8's `Dtype`).
+FORMAT_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+REFETCH = "download or copy it again, or re-save it with save_pretrained"
+
+
+def open_for_reading(path: Path) -> BinaryIO:
+    """`open(path, "rb")`, with the reasons a user can fix (a dangling link, permissions) as a
+    one-line UserError."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        if Path(path).is_symlink():
+            raise DamagedFile(
+                f"{path} is a link to {os.readlink(path)}, which does not exist; {REFETCH}"
+            ) from None
+        raise DamagedFile(f"{path} does not exist; {REFETCH}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a safetensors file") from None
+    except PermissionError:
+        raise UserError(
+            f"cannot read {path}: permission denied; make it readable (chmod a+r) or copy it "
+            "to a folder you can read"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def read_header(path: Path) -> Header:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        raw = json.loads(f.read(length))
+    """The tensors of a safetensors file, checked as the safetensors library checks them
+    (names, dtypes, shapes, offsets, sizes, the file's length) from its header alone: a
+    damaged file is refused here, not half-way through a merge, and the data is never read."""
+    path = Path(path)
+    with open_for_reading(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            what = "it is empty" if size == 0 else f"it has only {size} bytes"
+            raise DamagedFile(f"{path} is not a safetensors file: {what}; {REFETCH}")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            if prefix + f.read(15) == b"version https://git-lfs":
+                raise DamagedFile(
+                    f"{path} is a Git LFS pointer, not the weights; fetch them "
+                    "(git lfs pull) or download the file again"
+                )
+            raise DamagedFile(
+                f"{path} is not a safetensors file: its first 8 bytes give a header of "
+                f"{length} bytes; {REFETCH}"
+            )
+        if 8 + length > size:
+            raise _ended_early(path, size, 8 + length)
+        raw = _parse_header(path, f.read(length))
     metadata = raw.pop("__metadata__", None) or {}
-    tensors = {
-        name: TensorInfo(
-            name=name,
-            dtype=info["dtype"],
-            shape=tuple(info["shape"]),
-            start=8 + length + info["data_offsets"][0],
-            nbytes=info["data_offsets"][1] - info["data_offsets"][0],
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _damaged(path, "__metadata__ is not a map of strings")
+    tensors = {name: _tensor_info(path, name, info, 8 + length) for name, info in raw.items()}
+    end = 0  # the data must cover the file after the header exactly, tensor after tensor
+    for info in sorted(tensors.values(), key=lambda i: (i.start, i.nbytes)):
+        if info.start != 8 + length + end:
+            raise _damaged(path, f"tensor {info.name!r} overlaps another or leaves a gap")
+        end += info.nbytes
+    if 8 + length + end > size:
+        raise _ended_early(path, size, 8 + length + end)
+    if 8 + length + end < size:
+        raise _damaged(path, f"{size - 8 - length - end} bytes after its last tensor")
+    return Header(path, tensors, metadata)
+
+
+def _damaged(path: Path, what: str) -> DamagedFile:
+    return DamagedFile(f"{path} has a damaged safetensors header ({what}); {REFETCH}")
+
+
+def _ended_early(path: Path, size: int, needed: int) -> DamagedFile:
+    return DamagedFile(
+        f"{path} ended early while reading: it has {size} bytes, its header needs {needed} "
+        "(a download or copy cut short); download or copy it again"
+    )
+
+
+def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
+    """The header's JSON object; a name given twice is refused (json would keep the last)."""
+
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise _damaged(path, f"{twice!r} appears twice")
+        return dict(pairs)
+
+    try:
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=refuse_duplicates)
+    except UnicodeDecodeError:
+        raise _damaged(path, "not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise _damaged(path, f"not JSON: {first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise _damaged(path, f"a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def _is_count(value: Any) -> bool:
+    """A size or an offset: safetensors stores them as unsigned 64-bit integers."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _tensor_info(path: Path, name: str, info: Any, data_start: int) -> TensorInfo:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise _damaged(path, f"tensor {_short(name)} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in FORMAT_BITS:
+        raise _damaged(
+            path,
+            f"tensor {_short(name)} has dtype {_short(dtype)}, which the safetensors format "
+            "does not define",
         )
-        for name, info in raw.items()
-    }
-    return Header(Path(path), tensors, metadata)
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _damaged(
+            path, f"tensor {_short(name)} has shape {_short(shape)}, not a list of sizes"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise _damaged(
+            path, f"tensor {_short(name)} has data_offsets {_short(offsets)}, not [begin, end]"
+        )
+    begin, end = offsets
+    if end < begin:
+        raise _damaged(path, f"tensor {_short(name)} ends before it begins: {offsets}")
+    bits = FORMAT_BITS[dtype]
+    for count in shape:  # stops as soon as the size is past the tensor's bytes: never huge
+        bits *= count
+        if bits > (end - begin) * 8:
+            break
+    if bits != (end - begin) * 8:
+        raise _damaged(
+            path,
+            f"tensor {_short(name)} has {end - begin} bytes, which is not the size of "
+            f"{dtype} x {_short(shape)}",
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
 
 
 def read_rows(f: BinaryIO, info: TensorInfo, rows: slice = slice(None)) -> torch.Tensor:
     """Rows `rows` (along dim 0) of a tensor, read with a plain file read into memory owned by
     the returned tensor (no mmap, so nothing stays resident afterwards)."""
     if info.dtype not in DTYPES:
-        raise ValueError(f"tensor {info.name} has dtype {info.dtype}, which cannot be merged")
+        raise UserError(
+            f"{f.name}: tensor {info.name} is stored as {info.dtype}, which torch cannot read "
+            "here; save it as float32, float16 or bfloat16"
+        )
     total = info.shape[0] if info.shape else 1
     start, stop, _ = rows.indices(total)
     shape = (stop - start, *info.shape[1:]) if info.shape else ()
@@ -104,14 +267,21 @@ def read_rows(f: BinaryIO, info: TensorInfo, rows: slice = slice(None)) -> torch
     buffer = torch.empty(row_bytes * (stop - start), dtype=torch.uint8)  # not zero-filled
     f.seek(info.start + start * row_bytes)
     if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-        raise OSError(f"{f.name} ended early while reading {info.name}")
+        raise _ended_during_merge(f.name, info.name)
     return buffer.view(DTYPES[info.dtype]).reshape(shape)
+
+
+def _ended_during_merge(path: str, name: str) -> DamagedFile:
+    return DamagedFile(
+        f"{path} ended early while reading {name}: it was cut short or replaced while the "
+        "merge read it; download or copy it again"
+    )
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (small) file, e.g. an adapter, without keeping a memory map."""
     header = read_header(path)
-    with open(path, "rb") as f:
+    with open_for_reading(path) as f:
         return {name: read_rows(f, info) for name, info in header.tensors.items()}
 
 
@@ -219,7 +389,7 @@ class ShardWriter:
         while left:
             chunk = source.read(min(COPY_CHUNK, left))
             if not chunk:
-                raise OSError(f"{source.name} ended early while copying {name}")
+                raise _ended_during_merge(source.name, name)
             self._put(chunk)
             left -= len(chunk)
 
