@@ -157,7 +157,8 @@ def read_header(path: Path) -> Header:
         if 8 + length > size:
             raise _ended_early(path, size, 8 + length)
         raw = _parse_header(path, f.read(length))
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _damaged(path, "__metadata__ is not a map of strings")
     tensors = {name: _tensor_info(path, name, info, 8 + length) for name, info in raw.items()}
@@ -346,7 +347,11 @@ class ShardWriter:
         encoded += b" " * (-len(encoded) % 8)
         self._next = 0
         self._file = open(path, "wb")  # noqa: SIM115 - closed by the writer thread
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        try:
+            self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        except BaseException:  # a full disk already: no thread to close the file
+            self._file.close()
+            raise
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.QUEUE_BLOCKS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)

@@ -135,6 +135,15 @@ def test_lora_bias(tmp_path):
     assert_merge_matches(tmp_path, model, base, adapter)
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_biases_trained_whole(tmp_path, bias):
+    """peft's `bias`: the base biases (all, or those of adapted layers) saved as trained."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias)
+    base, adapter, model = build(tmp_path, llama(attention_bias=True), config)
+    report = assert_merge_matches(tmp_path, model, base, adapter)
+    assert report.tensors_replaced == (2 * 4 if bias == "all" else 2 * 2)
+
+
 def test_fan_in_fan_out_gpt2_conv1d_with_tied_embeddings(tmp_path):
     config = LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     base, adapter, model = build(tmp_path, gpt2(), config)
