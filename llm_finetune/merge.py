@@ -3,10 +3,14 @@
 W' = W + s·B@A with s = alpha/r (alpha/√r for rsLoRA), computed in float32 from the base's
 stored weights and cast once to the target dtype; peft's other layouts too: `fan_in_fan_out`
 (transposed), DoRA (rescaled by its magnitude vector), embedding LoRA ((B@A)ᵀ), `lora_bias`,
-`modules_to_save` (replacing the base tensor), `rank_pattern`/`alpha_pattern`, and tied
-embeddings. Peak memory is about the largest tensor plus the adapter, not the model:
+`modules_to_save` and `bias` (replacing the base tensor), `rank_pattern`/`alpha_pattern`, and
+tied embeddings. Peak memory is about the largest tensor plus the adapter, not the model:
 tensors without LoRA are copied as raw bytes. The output is written beside its final path
 and renamed into place only when complete.
+
+Before a byte is written, the adapter's config is checked against its tensors as peft's
+loading checks them (rank, targeted modules, DoRA magnitudes, biases): an adapter peft would
+refuse, or load only in part, is refused rather than merged at a wrong scale.
 """
 
 from __future__ import annotations
@@ -905,7 +909,13 @@ def _copy_tokenizer(base_folder: Path, adapter: Path, staging: Path) -> Path | N
     if source is not None:
         for path in source.iterdir():
             if path.name in TOKENIZER_FILES or path.suffix == ".tiktoken":
-                shutil.copy2(path, staging / path.name)
+                try:
+                    shutil.copy2(path, staging / path.name)
+                except (FileNotFoundError, PermissionError) as exc:  # a dangling link, say
+                    raise UserError(
+                        f"cannot copy the tokenizer file {path} ({exc.strerror}); copy the "
+                        f"tokenizer files into {source} again"
+                    ) from None
     return source
 
 
@@ -978,13 +988,12 @@ def merge(
     with freed_memory_returned_to_the_os():  # process-wide: set back for what runs after
         lora = read_adapter(adapter)
         base_folder = resolve_base_folder(base, revision)
-        if not (
-            (base_folder / "config.json").is_file() or (base_folder / "config.json").is_symlink()
-        ):
+        config_file = base_folder / "config.json"
+        if not (config_file.exists() or config_file.is_symlink()):  # a dangling link: below
             raise UserError(
                 f"base {base!r} has no config.json; pass the folder that save_pretrained wrote"
             )
-        base_config = read_json_object(base_folder / "config.json", BASE_FIX)
+        base_config = read_json_object(config_file, BASE_FIX)
         refuse_quantized_base(base_config, base)
         fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
         plan = plan_merge(lora, base_shards(base_folder), base_config, dtype, fan_in_fan_out)

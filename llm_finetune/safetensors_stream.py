@@ -237,7 +237,7 @@ def _tensor_info(path: Path, name: str, info: Any, data_start: int) -> TensorInf
     begin, end = offsets
     if end < begin:
         raise _damaged(path, f"tensor {_short(name)} ends before it begins: {offsets}")
-    bits = FORMAT_BITS[dtype]
+    bits = 0 if 0 in shape else FORMAT_BITS[dtype]
     for count in shape:  # stops as soon as the size is past the tensor's bytes: never huge
         bits *= count
         if bits > (end - begin) * 8:

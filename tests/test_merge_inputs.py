@@ -251,6 +251,30 @@ BASE_CASES = [
         "config.json",
     ),
     (
+        "generation-config-not-json",
+        lambda b, a: (b / "generation_config.json").write_text("{'eos_token_id': 2}"),
+        "generation_config.json is not valid JSON",
+        "generation_config.json",
+    ),
+    (
+        "tokenizer-config-not-json",
+        lambda b, a: (b / "tokenizer_config.json").write_text('{"eos_token": "</s>"'),
+        "tokenizer_config.json is not valid JSON",
+        "tokenizer_config.json",
+    ),
+    (
+        "tokenizer-json-damaged",
+        lambda b, a: (b / "tokenizer.json").write_text('{"version": "1.0"}'),
+        "does not load",
+        "base",
+    ),
+    (
+        "tokenizer-dangling-link",
+        lambda b, a: dangling_link(b / "tokenizer.json"),
+        "cannot copy the tokenizer file",
+        "tokenizer.json",
+    ),
+    (
         "config-missing",
         lambda b, a: (b / "config.json").unlink(),
         "has no config.json",

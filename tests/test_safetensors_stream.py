@@ -53,6 +53,13 @@ def test_a_header_of_every_dtype_the_format_defines_is_read_as_the_library_reads
     assert (info.dtype, list(info.shape), info.nbytes) == (code, shape, nbytes)
 
 
+@pytest.mark.parametrize("shape", [[0], [0, 3], [3, 0], [2, 5, 0]])
+def test_tensors_without_elements_take_no_bytes_wherever_their_zero_is(tmp_path, shape):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(3), "none": torch.zeros(shape)}, path)
+    assert read_header(path).tensors["none"].shape == tuple(shape)
+
+
 def test_a_file_cut_short_while_it_is_read_is_a_damaged_file(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.ones(64, 8), "b": torch.ones(4)}, path)
