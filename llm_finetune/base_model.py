@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import UserError, first_line
+from llm_finetune.fsutil import looks_like_local_path
 
 if TYPE_CHECKING:
     from llm_finetune.config import ModelConfig
@@ -44,11 +45,11 @@ def resolve_base(model: ModelConfig) -> BaseModel:
         from llm_finetune.demo import resolve_builtin_model
 
         return BaseModel(name, str(resolve_builtin_model(name)))
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise UserError(f"model.name {name!r} is a folder without config.json")
-        return BaseModel(name, str(local))
+    if looks_like_local_path(name):  # a folder, never looked up on the Hub
+        from llm_finetune.inputs import check_model_folder
+
+        check_model_folder(name, "model.name")
+        return BaseModel(name, str(Path(name).expanduser()))
     sha = _pin_commit(name, model.revision)
     from transformers import AutoConfig
 

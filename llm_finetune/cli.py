@@ -13,10 +13,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shlex
+import shutil
 import signal
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from llm_finetune.distributed import (
@@ -24,8 +29,23 @@ from llm_finetune.distributed import (
     exit_after_main,
     is_main_process,
     local_rank,
+    world_size,
 )
-from llm_finetune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from llm_finetune.errors import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    UserError,
+    disk_full,
+    first_line,
+)
+
+PORT_ERRORS = {
+    errno.EADDRINUSE: "--port {port} is in use on 127.0.0.1 (another hub-server?): stop what "
+    "listens there, or choose another --port",
+    errno.EACCES: "--port {port}: this user may not listen on it (ports below 1024 need root): "
+    "choose a port above 1024",
+}
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +63,18 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_checked(args: argparse.Namespace):
+    """The config, with its paths checked; its output_dir is where a bug's log goes."""
+    from llm_finetune.inputs import check_config_paths
+
     config = _load(args)
+    args.output_folder = config.output_path
+    check_config_paths(config)
+    return config
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load_checked(args)
     print(
         f"{args.config}: ok (run_name={config.run_name}, method={config.method}, "
         f"backend={config.backend}, output_dir={config.output_path})"
@@ -55,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace, until: str = "publish") -> int:
     from llm_finetune.pipeline import run
 
-    summary = run(_load(args), until=until)
+    summary = run(_load_checked(args), until=until)
     return 0 if summary["status"] in ("succeeded", "trained") else 1
 
 
@@ -76,35 +106,66 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    from llm_finetune import inputs
     from llm_finetune.config import DEFAULT_VERIFY_PROMPT
+    from llm_finetune.merge import resolve_base_folder
+
+    # Every input is checked before a model loads: the merged model and the adapter are
+    # folders, the base is a folder (when it looks like a path) or a Hub id.
+    merged_config = inputs.check_model_folder(args.merged, "--merged")
+    inputs.check_tokenizer(args.merged, "--merged")
+    inputs.check_adapter_folder(args.adapter)
+    raw = inputs.read_prompts(args.prompts) if args.prompts else [DEFAULT_VERIFY_PROMPT]
+    base_config = inputs.model_config(args.base, "--base")
+    inputs.check_same_model(base_config, args.base, merged_config, args.merged)
+    inputs.check_weights_readable(args.merged)
+    base_folder = resolve_base_folder(args.base, None)  # a Hub base: downloaded once, here
+    inputs.check_adapter_fits(args.adapter, base_folder, base_config)
+    merged, adapter = Path(args.merged).expanduser(), Path(args.adapter).expanduser()
+    tokenizer = _merged_tokenizer(args.merged)
+    if args.format == "chat" and not tokenizer.chat_template:
+        raise UserError(
+            f"--format chat: the tokenizer of --merged {args.merged!r} has no chat template; "
+            "use --format alpaca or raw"
+        )
     from llm_finetune.data import inference_prompt
     from llm_finetune.verify import verify
 
-    raw = (
-        [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        if args.prompts
-        else [DEFAULT_VERIFY_PROMPT]
-    )
-    tokenizer = AutoTokenizer.from_pretrained(args.merged)
     prompts = (
         raw if args.format == "raw" else [inference_prompt(args.format, p, tokenizer) for p in raw]
     )
-    report = verify(args.base, Path(args.adapter), Path(args.merged), prompts, args.max_new_tokens)
+    report = verify(str(base_folder), adapter, merged, prompts, args.max_new_tokens)
     print(json.dumps(report.as_dict(), indent=2))
     return 0
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
-    from llm_finetune.hub import preflight, resolve_endpoint, resolve_token
-    from llm_finetune.publish import publish
+def _merged_tokenizer(merged: str):
+    """The merged folder's tokenizer; one that does not load is the folder's fault."""
+    from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(Path(merged).expanduser())
+    except Exception as exc:  # a damaged or foreign tokenizer file: the loader's reason
+        raise UserError(
+            f"--merged {merged!r}: its tokenizer does not load ({type(exc).__name__}: "
+            f"{first_line(exc)[:200]}); copy the base model's tokenizer files into it"
+        ) from None
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from llm_finetune.hub import preflight, require_token, resolve_endpoint, resolve_token
+    from llm_finetune.inputs import check_publish_folder
+    from llm_finetune.publish import local_files, publish
+
+    # What is local first, the token and the manifest check included: no request before.
+    check_publish_folder(args.folder)
+    token = require_token(resolve_token())
+    folder = Path(args.folder).expanduser()
+    files = local_files(folder)
     endpoint = resolve_endpoint(args.endpoint)
-    token = resolve_token()
     preflight(args.repo_id, endpoint, token, args.private)
     report = publish(
-        Path(args.folder),
+        folder,
         args.repo_id,
         endpoint,
         token,
@@ -112,6 +173,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         revision=args.revision,
         commit_message=args.commit_message,
         replace_readme=args.replace_readme,
+        files=files,
     )
     print(json.dumps(report.as_dict(), indent=2))
     return 0
@@ -119,8 +181,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_hub_server(args: argparse.Namespace) -> int:
     from llm_finetune.hub_server import serve_forever
+    from llm_finetune.inputs import check_output_folder, first_missing_folder
 
-    serve_forever(args.port, Path(args.storage), None)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a port is a number from 0 (any free port) to 65535")
+    check_output_folder(args.storage, "--storage")
+    made = first_missing_folder(args.storage)
+    try:
+        serve_forever(args.port, Path(args.storage).expanduser(), None)
+    except OSError as exc:  # binding the port: a file error names its file
+        if exc.filename is not None or exc.errno not in PORT_ERRORS:
+            raise
+        if made is not None:  # the storage folder this command made before the bind failed
+            shutil.rmtree(made, ignore_errors=True)
+        raise UserError(PORT_ERRORS[exc.errno].format(port=args.port)) from None
     return 0
 
 
@@ -131,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:" + __doc__.split("Examples:", 1)[1] + "\nConfig reference: README.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # Where a bug's log file goes: set by the commands that have an output folder.
+    parser.set_defaults(output_folder=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="the whole pipeline: train, merge, verify, publish")
@@ -191,6 +267,40 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def report_bug(exc: Exception, argv: list[str], folder: Path | None) -> str:
+    """Write the traceback of an unexpected exception (a bug of ours, not the user's input) to
+    a log file, and return the one line that says so and where the file is.
+
+    The file goes into the run's output folder when it exists (`folder`; never a model or
+    adapter folder, whose every file would be published), else into a temporary folder. Tokens
+    are scrubbed from both the file and the line.
+    """
+    from llm_finetune import __version__
+    from llm_finetune.hub import scrub_tokens
+
+    text = scrub_tokens(
+        f"llm-finetune {__version__}, python {sys.version.split()[0]}\n"
+        f"command: llm-finetune {shlex.join(argv)}\n\n" + "".join(traceback.format_exception(exc))
+    )
+    rank = f"rank{os.environ.get('RANK', '0')}-" if world_size() > 1 else ""
+    reason = scrub_tokens(f"{type(exc).__name__}: {first_line(exc)[:300]}")
+    for where in ([folder] if folder is not None and folder.is_dir() else []) + [None]:
+        try:
+            fd, log = tempfile.mkstemp(prefix=f"llm-finetune-bug-{rank}", suffix=".log", dir=where)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError:
+            continue
+        return (
+            f"error: unexpected failure, a bug in llm-finetune ({reason}); the full traceback "
+            f"is in {log}: please report it with that file"
+        )
+    return (  # no folder could take the log: the traceback itself, after the line
+        f"error: unexpected failure, a bug in llm-finetune ({reason}); no log file could be "
+        f"written, so here is its traceback:\n{text}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     # Telemetry pings are not ours to send (HF_HUB_DISABLE_TELEMETRY=0 opts back in).
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -216,6 +326,21 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if full := disk_full(exc):  # not a bug: the user can free space
+            if local_rank() == 0:
+                where = f" while writing {full.filename!r}" if full.filename else ""
+                print(
+                    f"error: the disk is full{where} ({full.strerror}): free space, or write "
+                    "elsewhere (--output, output_dir, HF_HOME), and run the command again",
+                    file=sys.stderr,
+                )
+            return exit_after_main(EXIT_USER_ERROR)
+        # A bug of ours: one line, the traceback in a log file.
+        line = report_bug(exc, sys.argv[1:] if argv is None else argv, args.output_folder)
+        if local_rank() == 0:  # every process wrote its own log, beside this one
+            print(line, file=sys.stderr)
+        return exit_after_main(EXIT_BUG)
 
 
 if __name__ == "__main__":

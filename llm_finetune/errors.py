@@ -1,4 +1,10 @@
-"""The one exception type that reaches the user as a one-line message and exit code 2."""
+"""The one exception type that reaches the user as a one-line message and exit code 2, and the
+exit codes of the other ways a command ends."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -6,6 +12,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1  # an unexpected exception: a bug of ours, its traceback in a log file
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: finished stages are kept, a re-run resumes
 
 
@@ -15,10 +22,33 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def cause_in_chain(
+    exc: BaseException, matches: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """The first exception of `exc`'s chain (itself, then what it was raised from or during)
+    that `matches`: libraries wrap the error that says what happened in their own."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if matches(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The "no space left" error behind `exc`, if that is what it is: the user's to fix."""
+    found = cause_in_chain(
+        exc, lambda e: isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    )
+    return found if isinstance(found, OSError) else None
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code the CLI ends with when a run raised `exc`."""
-    if isinstance(exc, UserError):
+    if isinstance(exc, UserError) or disk_full(exc):
         return EXIT_USER_ERROR
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    return 1
+    return EXIT_BUG

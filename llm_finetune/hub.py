@@ -8,16 +8,18 @@ to a file or put into an error message (messages are scrubbed of it as a last li
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from llm_finetune.errors import UserError, first_line
+from llm_finetune.errors import UserError, cause_in_chain, first_line
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 WRITE_ROLES = {"admin", "write", "contributor"}
+ENDPOINT_HINT = "check --endpoint (publish.endpoint in a config) or HF_ENDPOINT"
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,49 @@ def redact(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token and len(token) >= 8 else text
 
 
+def scrub_tokens(text: str) -> str:
+    """The text with every token this process may hold replaced: HF_TOKEN (and its old name)
+    and the token `hf auth login` stored. For text written where the token is not known, such
+    as a bug's traceback."""
+    tokens = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    with contextlib.suppress(Exception):  # a bug report must come out even if this fails
+        tokens.append(resolve_token())
+    for token in tokens:
+        text = redact(text, token)
+    return text
+
+
+def connection_error(exc: BaseException) -> BaseException | None:
+    """The transport failure (refused, unreachable, timed out, dropped) behind `exc`, which
+    the client may have wrapped in its own exceptions; None when there is none."""
+    import httpx
+
+    transport = httpx.TransportError | ConnectionError | TimeoutError
+    return cause_in_chain(exc, lambda e: isinstance(e, transport))
+
+
+def unreachable(endpoint: str, exc: BaseException) -> UserError:
+    """The one-line error for a server that cannot be reached or stopped answering."""
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError):
+        what = f"cannot reach the Hub at {endpoint}"
+    else:
+        what = f"the connection to the Hub at {endpoint} failed"
+    return UserError(
+        f"{what}: {type(exc).__name__}: {first_line(exc)[:200]}; {ENDPOINT_HINT} and the network"
+    )
+
+
+def not_an_api(endpoint: str, request: str) -> UserError:
+    """The one-line error for an answer that is not a Hub's JSON (an HTML page: a proxy, a
+    login portal, a web server that is not a Hub)."""
+    return UserError(
+        f"the server at {endpoint} did not answer {request} as a Hub does (an HTML page, or not "
+        f"JSON): it is not a Hub API, or a proxy is in the way; {ENDPOINT_HINT}"
+    )
+
+
 def explain_http_error(exc: Exception, endpoint: str, repo_id: str) -> UserError:
     """The one-line error, with its fix, for an HTTP error the Hub answered about `repo_id`."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -246,18 +291,34 @@ def preflight(repo_id: str, endpoint: str, token: str | None, private: bool) -> 
     The token's user, its right to write to the namespace, and the repo (created if missing).
     """
     token = require_token(token)
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = hub_api(endpoint, token)
-    with hub_client_settings(endpoint):
+    request = "the token check (whoami)"
+    with hub_client_settings(endpoint), client_timeout(RetryPolicy().timeout):
         try:
             whoami = api.whoami()
+            if not isinstance(whoami, dict):
+                raise not_an_api(endpoint, request)
             check_namespace(whoami, repo_id)
+            request = f"the lookup of {repo_id!r}"
             existed = api.repo_exists(repo_id)
             if not existed:
+                request = f"the creation of {repo_id!r}"
                 api.create_repo(repo_id, private=private, exist_ok=True)
         except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            if request.startswith("the token") and status == 404:
+                raise UserError(
+                    f"the server at {endpoint} has no Hub API (404 for {request}): {ENDPOINT_HINT}"
+                ) from None
             raise explain_http_error(exc, endpoint, repo_id) from None
-        except OSError as exc:
-            raise UserError(f"cannot reach the Hub at {endpoint}: {exc}") from None
+        except json.JSONDecodeError:
+            raise not_an_api(endpoint, request) from None
+        except OfflineModeIsEnabled:
+            raise UserError(f"HF_HUB_OFFLINE is set: unset it to publish to {endpoint}") from None
+        except Exception as exc:
+            if (cause := connection_error(exc)) is None:
+                raise
+            raise unreachable(endpoint, cause) from None
     return PreflightReport(endpoint, whoami.get("name", "?"), repo_id, existed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -27,9 +28,11 @@ from llm_finetune.hub import (
     RetryPolicy,
     client_backoff,
     client_timeout,
+    connection_error,
     explain_http_error,
     hub_api,
     hub_client_settings,
+    not_an_api,
     redact,
     require_token,
 )
@@ -232,7 +235,6 @@ def _transient_or_error(
     exc: Exception, endpoint: str, repo_id: str, folder: Path
 ) -> UserError | None:
     """None for a failure worth retrying; otherwise the UserError to stop with at once."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     exc = _unwrap(exc)
@@ -245,10 +247,12 @@ def _transient_or_error(
         return explain_http_error(exc, endpoint, repo_id)
     if isinstance(exc, OfflineModeIsEnabled):
         return UserError(f"HF_HUB_OFFLINE is set: unset it to publish to {endpoint}")
-    if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
+    if connection_error(exc) is not None:
         return None  # timeouts, refused or dropped connections, broken responses
     if isinstance(exc, OSError):
         return UserError(f"cannot read {str(folder)!r} while publishing it: {exc}")
+    if isinstance(exc, json.JSONDecodeError):  # an HTML page where the Hub answers JSON
+        return not_an_api(endpoint, "a request of the upload")
     if isinstance(exc, ValueError):  # the client refused the operation or the server's reply
         return UserError(f"publishing {repo_id!r} to {endpoint} failed: {_first_line(exc)}")
     raise exc
@@ -361,13 +365,15 @@ def publish(
     commit_message: str | None = None,
     replace_readme: bool = False,
     retry: RetryPolicy | None = None,
+    files: list[LocalFile] | None = None,
 ) -> PublishReport:
     """Publish a model folder (config.json, weights, tokenizer) or a LoRA adapter folder
     (adapter_config.json, weights) as one verified commit.
 
     `kind`: what the folder must be; None takes it from the folder (see `folder_kind`). The
     folder's manifest, if any, is checked first; transient failures are retried per `retry`;
-    an existing README.md at `revision` is kept unless `replace_readme`.
+    an existing README.md at `revision` is kept unless `replace_readme`. `files`: the folder
+    as `local_files` read it already (the CLI does, before its first request).
     """
     folder = Path(folder)
     kind = kind or folder_kind(folder)
@@ -376,7 +382,8 @@ def publish(
         what = "a model folder" if kind == "model" else "a LoRA adapter folder"
         raise UserError(f"{str(folder)!r} is not {what} (no {required}): nothing to publish")
     token = require_token(token)
-    files = local_files(folder)  # the manifest check: before anything is sent
+    if files is None:
+        files = local_files(folder)  # the manifest check: before anything is sent
     policy = retry or RetryPolicy()
     message = commit_message or f"Upload {folder.name} with llm-finetune"
     api = hub_api(endpoint, token)
