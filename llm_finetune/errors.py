@@ -52,3 +52,10 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_BUG
+
+
+def abbreviated(value: object) -> str:
+    """A value quoted in an error message, cut to 60 characters (it may come from a damaged
+    file: megabytes of it would drown the line)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

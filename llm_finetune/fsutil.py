@@ -4,11 +4,13 @@ the disk checks made before writing one."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llm_finetune.errors import UserError
 
@@ -112,3 +114,31 @@ def atomic_dir(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path` (a config, an index, a manifest); a file that cannot be read,
+    or is not a JSON object, is one line naming it and ending with `fix`."""
+    name = repr(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(
+                f"{name} is a link to {os.readlink(path)}, which does not exist: {fix}"
+            ) from None
+        raise UserError(f"{name} does not exist: {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{name} is not JSON (not even UTF-8 text): {fix}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {name} ({exc.strerror or exc}): {fix}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = "it is empty" if not text.strip() else f"line {exc.lineno}: {exc.msg}"
+        raise UserError(f"{name} is not valid JSON ({where}): {fix}") from None
+    except RecursionError:
+        raise UserError(f"{name} is not valid JSON (nested too deeply): {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{name} holds a JSON {type(data).__name__}, not an object: {fix}")
+    return data

@@ -9,13 +9,12 @@ traceback from deep inside a loader.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import UserError, first_line
-from llm_finetune.fsutil import looks_like_local_path
+from llm_finetune.fsutil import looks_like_local_path, read_json_object
 
 if TYPE_CHECKING:
     from llm_finetune.config import Config
@@ -46,29 +45,6 @@ def check_folder(name: str, what: str) -> Path:
     if path.exists():
         raise UserError(f"{what} {name!r} is a file, not a folder; pass the folder")
     raise UserError(f"{what} {name!r}: no such folder; check the path")
-
-
-def read_json_object(path: Path, fix: str) -> dict[str, Any]:
-    """The JSON object in `path`; a file that cannot be read, or is not a JSON object, is a
-    UserError ending with `fix`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{str(path)!r} is not JSON (not even UTF-8 text): {fix}") from None
-    except FileNotFoundError:
-        raise UserError(f"{str(path)!r} is a broken symbolic link: {fix}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {str(path)!r} ({exc.strerror or exc}): {fix}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = "it is empty" if not text.strip() else f"line {exc.lineno}: {exc.msg}"
-        raise UserError(f"{str(path)!r} is not valid JSON ({where}): {fix}") from None
-    except RecursionError:
-        raise UserError(f"{str(path)!r} is not valid JSON (nested too deeply): {fix}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: {fix}")
-    return data
 
 
 def check_json_files(folder: Path, fix: str) -> None:
@@ -172,7 +148,8 @@ def model_config(name: str, what: str) -> dict[str, Any]:
 def check_adapter_fits(adapter: str, base_folder: Path, base_config: dict[str, Any]) -> None:
     """The adapter's tensors agree with its config and fit the base's weights, as the merge
     checks them: peft refuses such an adapter only halfway through loading, with a traceback."""
-    from llm_finetune.merge import base_shards, plan_merge, read_adapter
+    from llm_finetune.adapter import read_adapter
+    from llm_finetune.merge import base_shards, plan_merge
 
     lora = read_adapter(Path(adapter).expanduser())
     fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))

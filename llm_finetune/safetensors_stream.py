@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from llm_finetune.errors import UserError, first_line
+from llm_finetune.errors import UserError, abbreviated, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -211,32 +211,28 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _tensor_info(path: Path, name: str, info: Any, data_start: int) -> TensorInfo:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise _damaged(path, f"tensor {_short(name)} lacks dtype, shape or data_offsets")
+        raise _damaged(path, f"tensor {abbreviated(name)} lacks dtype, shape or data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in FORMAT_BITS:
         raise _damaged(
             path,
-            f"tensor {_short(name)} has dtype {_short(dtype)}, which the safetensors format "
-            "does not define",
+            f"tensor {abbreviated(name)} has dtype {abbreviated(dtype)}, which the safetensors "
+            "format does not define",
         )
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise _damaged(
-            path, f"tensor {_short(name)} has shape {_short(shape)}, not a list of sizes"
+            path, f"tensor {abbreviated(name)} has shape {abbreviated(shape)}, not a list of sizes"
         )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
         raise _damaged(
-            path, f"tensor {_short(name)} has data_offsets {_short(offsets)}, not [begin, end]"
+            path,
+            f"tensor {abbreviated(name)} has data_offsets {abbreviated(offsets)}, not [begin, end]",
         )
     begin, end = offsets
     if end < begin:
-        raise _damaged(path, f"tensor {_short(name)} ends before it begins: {offsets}")
+        raise _damaged(path, f"tensor {abbreviated(name)} ends before it begins: {offsets}")
     bits = 0 if 0 in shape else FORMAT_BITS[dtype]
     for count in shape:  # stops as soon as the size is past the tensor's bytes: never huge
         bits *= count
@@ -245,8 +241,8 @@ def _tensor_info(path: Path, name: str, info: Any, data_start: int) -> TensorInf
     if bits != (end - begin) * 8:
         raise _damaged(
             path,
-            f"tensor {_short(name)} has {end - begin} bytes, which is not the size of "
-            f"{dtype} x {_short(shape)}",
+            f"tensor {abbreviated(name)} has {end - begin} bytes, which is not the size of "
+            f"{dtype} x {abbreviated(shape)}",
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
 

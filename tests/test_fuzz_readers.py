@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llm_finetune.adapter import read_adapter, read_adapter_config
 from llm_finetune.errors import UserError
-from llm_finetune.merge import read_adapter, read_adapter_config
 from llm_finetune.safetensors_stream import DamagedFile, read_header
 
 FUZZ = settings(

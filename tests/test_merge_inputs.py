@@ -241,7 +241,7 @@ BASE_CASES = [
     (
         "config-not-json",
         lambda b, a: (b / "config.json").write_text('{"model_type": "llama",'),
-        "config.json is not valid JSON",
+        "config.json' is not valid JSON",
         "config.json",
     ),
     (
@@ -253,13 +253,13 @@ BASE_CASES = [
     (
         "generation-config-not-json",
         lambda b, a: (b / "generation_config.json").write_text("{'eos_token_id': 2}"),
-        "generation_config.json is not valid JSON",
+        "generation_config.json' is not valid JSON",
         "generation_config.json",
     ),
     (
         "tokenizer-config-not-json",
         lambda b, a: (b / "tokenizer_config.json").write_text('{"eos_token": "</s>"'),
-        "tokenizer_config.json is not valid JSON",
+        "tokenizer_config.json' is not valid JSON",
         "tokenizer_config.json",
     ),
     (
