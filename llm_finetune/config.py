@@ -256,6 +256,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise UserError(
+            f"config file {str(path)!r} is not text (not UTF-8): pass the YAML file"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of keys at the top level")
     # A section whose keys are all commented out reads as null: it means "all defaults".

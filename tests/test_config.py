@@ -374,6 +374,14 @@ def test_missing_file(tmp_path: Path) -> None:
     )
 
 
+def test_a_binary_file_is_not_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x00\xff\xfe binary")
+    assert (
+        error_of(path) == f"config file {str(path)!r} is not text (not UTF-8): pass the YAML file"
+    )
+
+
 def test_directory_is_not_a_config(tmp_path: Path) -> None:
     assert "not found" in error_of(tmp_path)
 
