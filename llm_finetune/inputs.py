@@ -230,7 +230,7 @@ def check_config_paths(config: Config) -> None:
 def check_publish_folder(name: str) -> None:
     """A folder to publish is a model folder or a LoRA adapter folder whose JSON files parse,
     and its manifest, if any, lists files (which publish then checks byte for byte)."""
-    from llm_finetune.manifest import MANIFEST
+    from llm_finetune.manifest import read_manifest
     from llm_finetune.publish import folder_kind
 
     folder = check_folder(name, "--folder")
@@ -244,9 +244,4 @@ def check_publish_folder(name: str) -> None:
             f"--folder {name!r} is neither a model folder (config.json) nor a LoRA adapter "
             "folder (adapter_config.json): nothing to publish"
         )
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        fix = "re-create the folder (merge or train again)"
-        files = read_json_object(manifest, fix).get("files")
-        if not isinstance(files, dict) or not all(isinstance(f, dict) for f in files.values()):
-            raise UserError(f"{str(manifest)!r} lists no files, it is damaged: {fix}")
+    read_manifest(folder)  # a damaged manifest is one line before any request

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.errors import UserError
+from llm_finetune.fsutil import read_json_object
 
 MANIFEST = "llm-finetune-manifest.json"
 LIBRARIES = ("llm-finetune", "torch", "transformers", "peft", "trl", "datasets", "huggingface_hub")
@@ -101,8 +102,16 @@ def write_manifest(folder: Path, stage: str, fingerprint_of_inputs: str, **facts
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest (None without one); a damaged one is a one-line UserError."""
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = "remove the folder and make it again (overwrite: true in a run)"
+    manifest = read_json_object(path, fix)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(f, dict) for f in files.values()):
+        raise UserError(f"{str(path)!r} lists no files, it is damaged: {fix}")
+    return manifest
 
 
 def check_manifest(folder: Path, fingerprint_of_inputs: str | None = None) -> dict:
@@ -116,7 +125,7 @@ def check_manifest(folder: Path, fingerprint_of_inputs: str | None = None) -> di
         )
     if (
         fingerprint_of_inputs is not None
-        and manifest["inputs_fingerprint"] != fingerprint_of_inputs
+        and manifest.get("inputs_fingerprint") != fingerprint_of_inputs
     ):
         raise UserError(
             f"{str(folder)!r} was made from a different config or input; "
