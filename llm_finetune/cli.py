@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -181,19 +180,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_hub_server(args: argparse.Namespace) -> int:
     from llm_finetune.hub_server import serve_forever
-    from llm_finetune.inputs import check_output_folder, first_missing_folder
+    from llm_finetune.inputs import check_output_folder
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: a port is a number from 0 (any free port) to 65535")
     check_output_folder(args.storage, "--storage")
-    made = first_missing_folder(args.storage)
     try:
         serve_forever(args.port, Path(args.storage).expanduser(), None)
     except OSError as exc:  # binding the port: a file error names its file
         if exc.filename is not None or exc.errno not in PORT_ERRORS:
             raise
-        if made is not None:  # the storage folder this command made before the bind failed
-            shutil.rmtree(made, ignore_errors=True)
         raise UserError(PORT_ERRORS[exc.errno].format(port=args.port)) from None
     return 0
 

@@ -209,16 +209,6 @@ def check_output_folder(name: str, what: str) -> None:
         )
 
 
-def first_missing_folder(name: str) -> Path | None:
-    """The outermost folder of `name` that does not exist yet (what making it creates)."""
-    path = Path(name).expanduser().absolute()
-    if path.exists():
-        return None
-    while not path.parent.exists():
-        path = path.parent
-    return path
-
-
 def check_config_paths(config: Config) -> None:
     """The paths of a config that can be checked without loading anything: output_dir, and
     model.name when it names a folder."""

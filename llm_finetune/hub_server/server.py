@@ -247,6 +247,7 @@ class Handler(BaseHTTPRequestHandler):
 
     @property
     def store(self) -> Store:
+        assert self.hub._store is not None  # requests arrive only after start()
         return self.hub._store
 
 
@@ -279,7 +280,7 @@ class HubServer:
         self.path_bytes: dict[str, int] = {}  # "METHOD /url/path" -> request body bytes read
         self.faults: list[Fault] = []
         self.unknown_routes: list[str] = []  # "METHOD /path" of requests we had no route for
-        self._store = Store(self.storage)
+        self._store: Store | None = None  # made by start(), once the port is bound
         self._secret = secrets.token_bytes(32)  # signs LFS upload hrefs
         self._lock = threading.Lock()
         self._httpd: _HTTPServer | None = None
@@ -298,8 +299,16 @@ class HubServer:
         return self._httpd
 
     def start(self) -> HubServer:
-        """Serve in a daemon thread; returns self so ``HubServer(...).start()`` chains."""
+        """Serve in a daemon thread; returns self so ``HubServer(...).start()`` chains.
+
+        The port is bound before the storage is made: a port in use leaves no folder behind.
+        """
         httpd = self._bind()
+        try:
+            self._store = Store(self.storage)
+        except BaseException:
+            self._close()
+            raise
         self._thread = threading.Thread(
             target=httpd.serve_forever,
             kwargs={"poll_interval": 0.1},
