@@ -90,7 +90,10 @@ def card_rows(
     if config.method == "dpo":
         training.append(("DPO beta", t.beta))
 
+    from llm_finetune.verify import MODES, peak_memory_text
+
     train, verify = summary.get("train", {}), summary.get("verify", {})
+    mode = verify.get("mode")  # absent from a merge checked before the mode was recorded
     metrics = [
         ("train steps", train.get("steps")),
         ("train loss (first logged)", train.get("train_loss_first")),
@@ -99,6 +102,9 @@ def card_rows(
         ("merge check: max abs logit diff vs base+adapter", verify.get("max_abs_logit_diff")),
         ("merge check: tolerance", verify.get("tolerance")),
         ("merge check: greedy generations agreeing", verify.get("generations_agree")),
+        ("merge check: mode", f"{mode} ({MODES[mode]})" if mode else None),
+        ("merge check: peak memory", peak_memory_text(verify)),
+        ("merge check: seconds", verify.get("seconds")),
     ]
     return training, [(k, v) for k, v in metrics if v is not None]
 

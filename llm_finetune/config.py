@@ -100,10 +100,32 @@ class MergeConfig(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
+MEMORY_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+MEMORY_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def memory_size(text: str) -> int:
+    """Bytes in a size such as "24GB", "1.5GiB" or "800MB" (accelerate's notation)."""
+    match = MEMORY_SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a memory size such as '24GB', '1.5GiB' or '800MB'")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()])
+
+
 class VerifyConfig(_Strict):
     enabled: bool = True
     prompts: list[str] = Field(default_factory=lambda: [DEFAULT_VERIFY_PROMPT])
     max_new_tokens: int = Field(32, ge=1)
+    # The most memory (GPUs and RAM together) the check may hold, e.g. "24GB"; None: what the
+    # machine has free. Below what the whole model needs, it runs with bounded memory.
+    max_memory: str | None = None
+
+    @model_validator(mode="after")
+    def _max_memory_is_a_size(self) -> VerifyConfig:
+        if self.max_memory is not None:
+            memory_size(self.max_memory)
+        return self
 
 
 class PublishConfig(_Strict):

@@ -263,7 +263,7 @@ def verify_stage(
     facts: dict[str, Any],
 ) -> dict[str, Any]:
     """The merged model against base+adapter (or the reused merge's recorded check)."""
-    from llm_finetune.verify import verify, verify_in_fresh_process
+    from llm_finetune.verify import check_cost, verify, verify_in_fresh_process
 
     out = config.output_path
     if "verify" not in facts:
@@ -280,6 +280,7 @@ def verify_stage(
                 max_new_tokens=config.verify.max_new_tokens,
                 revision=checks.base.revision,
                 trust_remote_code=config.model.trust_remote_code,
+                max_memory=config.verify.max_memory,
             )
         facts["verify"] = report.as_dict()
         seal_merged(config, checks.base, facts)
@@ -291,6 +292,8 @@ def verify_stage(
         f"adapter effect {result['adapter_effect_max_abs_logit_diff']:.3g}"
     )
     log(f"    sample: {config.verify.prompts[0]!r} -> {result['sample_generation']!r}")
+    if "mode" in result:  # a merge checked before the mode was recorded has none
+        log(f"    {check_cost(result)}")
     if result["generations_agree"] < result["prompts"]:
         log("    warning: some greedy generations differ (near-tied logits after rounding)")
     if result["adapter_effect_max_abs_logit_diff"] <= result["tolerance"]:

@@ -87,7 +87,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         weights = base_weights(base)
         log(f"    {check_disk(weights, out, config.merge.dtype, backend.merged_copies(config))}")
         if config.verify.enabled:
-            log(f"    {check_verify_memory(weights, config, backend)}")
+            log(f"    {check_verify_memory(base, config, backend)}")
     if until == "publish" and config.publish.enabled:
         report.publish = check_publish_target(config, stack)
     return report
@@ -133,27 +133,30 @@ def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str, copies:
     return f"disk: {what}: about {needed / 1e9:.2f} GB; enough is free"
 
 
-def check_verify_memory(weights: BaseWeights | None, config: Config, backend: Backend) -> str:
-    """Verification runs the model in float32 over every GPU and then RAM: check before
-    training that they can hold it (beside what the backend keeps), rather than fail hours
-    later."""
-    from llm_finetune.verify import available_memory, memory_needed
+def check_verify_memory(base: BaseModel, config: Config, backend: Backend) -> str:
+    """Verification holds the models in float32: whole when they fit (beside what the
+    backend keeps), else one layer at a time. Check before training that it fits, and say
+    which way it will run, rather than fail hours later."""
+    from llm_finetune.verify import (
+        available_memory,
+        base_shapes,
+        layout_of,
+        lora_parameters,
+        plan_memory,
+    )
 
-    if weights is None:
-        return "memory: the base's size is unknown here; verification needs 4 bytes a parameter"
-    needed = memory_needed(weights.parameters)
-    needed += backend.memory_beside_verification(config, weights.parameters)
-    gpu, ram = available_memory()
+    shapes = base_shapes(base.path, base.revision)
+    if shapes is None:
+        return "memory: the base's tensors are unknown here; verification plans when it runs"
+    layout = layout_of(shapes, lora_parameters(shapes, config.lora.r, config.lora.target_modules))
+    beside = backend.memory_beside_verification(config, layout.parameters)
+    gpus, ram = available_memory()
+    cap = config.verify.max_memory
+    plan = plan_memory(layout, gpus, 2**62 if ram is None else ram, cap, beside)
     if ram is None:
-        return "memory: the free RAM is unknown here; verification needs 4 bytes a parameter"
-    have = f"{gpu / 1e9:.0f} GB of GPU memory and {ram / 1e9:.0f} GB of free RAM"
-    if needed > gpu + ram:
-        raise UserError(
-            f"verification needs about {needed / 1e9:.0f} GB to run the model in float32 "
-            f"({weights.parameters / 1e9:.1f} B parameters) and this machine has {have}: use a "
-            "bigger machine, or set verify.enabled: false and run llm-finetune verify elsewhere"
-        )
-    return f"memory: verification needs about {needed / 1e9:.2f} GB; this machine has {have}"
+        return "memory: the free RAM is unknown here; verification plans when it runs"
+    have = f"{sum(gpus) / 1e9:.0f} GB of GPU memory and {ram / 1e9:.0f} GB of free RAM"
+    return f"memory: verification will hold {plan.describe()}; this machine has {have}"
 
 
 def check_publish_target(config: Config, stack: contextlib.ExitStack) -> PublishTarget:

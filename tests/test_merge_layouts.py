@@ -43,11 +43,23 @@ def gpt2() -> GPT2Config:
     return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 
 
+def save_tokenizer(folder) -> None:
+    """A character-level tokenizer of VOCAB tokens (the merge copies it, verify needs one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = {"</s>": 0, **{chr(32 + i): 1 + i for i in range(VOCAB - 1)}}
+    tokenizer = Tokenizer(models.WordLevel(table, unk_token="</s>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>").save_pretrained(folder)
+
+
 def build(tmp_path, model_config, lora_config: LoraConfig, shard_size: str | None = None):
     """Save a base and a randomised adapter; return (base dir, adapter dir, peft model)."""
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(model_config).float()
     base.save_pretrained(tmp_path / "base", max_shard_size=shard_size or "50GB")
+    save_tokenizer(tmp_path / "base")
     peft_model = get_peft_model(base, lora_config)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -72,7 +84,22 @@ def assert_merge_matches(tmp_path, peft_model, base_dir, adapter_dir, **merge_kw
     with torch.inference_mode(), peft_model.disable_adapter():
         base_logits = peft_model(input_ids=input_ids).logits
     assert float((expected - base_logits).abs().max()) > 1e-2
+    assert_both_checks_pass(base_dir, adapter_dir, tmp_path / "merged")
     return report
+
+
+def assert_both_checks_pass(base_dir, adapter_dir, merged) -> None:
+    """`verify` passes the merge whole and block by block (the least memory it accepts),
+    with the same figures."""
+    from llm_finetune.verify import verify
+    from tests.test_verify_bounded import assert_same_check, least_memory
+
+    whole, bounded = (
+        verify(str(base_dir), adapter_dir, merged, ["Write 47 in words."], 3, max_memory=cap)
+        for cap in (None, least_memory(base_dir, adapter_dir, merged))
+    )
+    assert_same_check(whole, bounded)
+    assert whole.passed and whole.adapter_effect_max_abs_logit_diff > 1e-2
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from llm_finetune.errors import UserError
 from llm_finetune.merge import merge
 from llm_finetune.verify import VerificationFailed, verify, verify_in_fresh_process
+from tests.test_verify_bounded import least_memory
 
 PROMPTS = ["Write the number 47 in words.", "Convert 21 to words."]
 
@@ -96,32 +97,38 @@ def test_verify_passes_and_measures_adapter_effect(merged_bf16):
     assert report.adapter_effect_max_abs_logit_diff > 10 * report.tolerance
     assert report.generations_agree == len(PROMPTS)
     assert report.eos_consistent
+    assert report.mode == "whole"  # the machine has the memory: the faster way
 
 
-def test_verify_holds_one_model_at_a_time(merged_bf16, monkeypatch):
-    """base+adapter is freed before the merged model loads: peak memory is one fp32 model."""
+@pytest.mark.parametrize("mode", ["whole", "bounded"])
+def test_verify_holds_one_model_at_a_time(merged_bf16, monkeypatch, mode):
+    """base+adapter is freed before the merged model loads: peak memory is one fp32 model,
+    or one block of it."""
     import weakref
 
     from llm_finetune import verify as verify_module
 
     base, adapter, out, _ = merged_bf16
-    load = verify_module._load_float32
+    name = "_load_whole" if mode == "whole" else "_load_bounded"
+    load = getattr(verify_module, name)
     loaded: list[weakref.ref] = []
 
-    def load_and_count(path, **kwargs):
+    def load_and_count(path, *args, **kwargs):
         alive = [ref for ref in loaded if ref() is not None]
         assert not alive, "the previous model is still in memory"
-        model = load(path, **kwargs)
+        model, device = load(path, *args, **kwargs)
         loaded.append(weakref.ref(model))
-        return model
+        return model, device
 
-    monkeypatch.setattr(verify_module, "_load_float32", load_and_count)
-    verify(base, adapter, out, PROMPTS, max_new_tokens=2)
+    monkeypatch.setattr(verify_module, name, load_and_count)
+    cap = None if mode == "whole" else least_memory(base, adapter, out)
+    assert verify(base, adapter, out, PROMPTS, max_new_tokens=2, max_memory=cap).mode == mode
     assert len(loaded) == 2
 
 
+@pytest.mark.parametrize("mode", ["whole", "bounded"])
 @pytest.mark.parametrize("check", [verify, verify_in_fresh_process])
-def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path, check):
+def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path, check, mode):
     base, adapter, out, _ = merged_bf16
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -129,8 +136,9 @@ def test_verify_catches_a_wrong_merge(merged_bf16, tmp_path, check):
     key = "model.layers.0.self_attn.q_proj.weight"
     weights[key] = (weights[key].float() + 0.5).to(torch.bfloat16)
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    cap = None if mode == "whole" else least_memory(base, adapter, broken)
     with pytest.raises(VerificationFailed, match="differs from base\\+adapter"):
-        check(base, adapter, broken, PROMPTS, max_new_tokens=2)
+        check(base, adapter, broken, PROMPTS, max_new_tokens=2, max_memory=cap)
 
 
 def test_verify_in_a_fresh_process_reports_the_same(merged_bf16, tmp_path):
