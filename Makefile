@@ -85,8 +85,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+## make bench [ARGS=... for the merge bench] [VERIFY_ARGS=... for the verification bench]
 bench: $(STAMP)
 	$(PY) bench/merge_bench.py $(ARGS)
+	$(PY) bench/verify_bench.py $(VERIFY_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
