@@ -64,7 +64,9 @@ def peak_rss_kb() -> int:
 
 def contender(mode: str, folder: Path, max_new_tokens: int) -> dict:
     """Runs in its own process: one check, its seconds, peak RSS and figures."""
-    import torch  # noqa: F401  (imported before the baseline is taken)
+    import accelerate  # noqa: F401  (what the check imports, before the baseline is taken)
+    import peft  # noqa: F401
+    import torch  # noqa: F401
     import transformers  # noqa: F401
 
     from llm_finetune.config import DEFAULT_VERIFY_PROMPT
@@ -100,7 +102,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--work", default=os.environ.get("BENCH_DIR", "/tmp/llm-finetune-bench"))
-    parser.add_argument("--repeat", type=int, default=2, help="runs per mode; best is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per mode; best is kept")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -6,13 +6,19 @@ noise. The tolerance scales with the stored dtype's precision and the logits' ma
 also measures base vs base+adapter, so an adapter that changes nothing (an untrained or
 wrongly loaded one) is reported instead of passing silently.
 
+base+adapter generates greedily from each prompt; then each model runs once over prompt and
+continuation: the logits on the prompt are compared, and the merged model agrees on a
+generation when its greedy choice at every step is the token base+adapter chose (the text it
+would generate itself). One pass per model, not one per generated token.
+
 Each model is held in one of two ways, chosen from the memory there is (`plan_memory`):
 - whole: the model in float32 on the GPUs, then RAM; the faster way, when it fits;
 - bounded: accelerate's big-model machinery. The model is built on the meta device and its
   weights stay in the checkpoint's own safetensors files; accelerate's offload hooks read one
-  block (a decoder layer, or a module outside the layers) at a time, upcast to float32, and
-  drop it after its forward pass; as many blocks as the budget allows stay resident. peft
-  runs the adapter on it as on any model. Peak memory: one block, plus what stays resident.
+  block (a decoder layer, or a module outside the layers) at a time, upcast into float32
+  buffers the next block reuses, and drop it after its forward pass; as many blocks as the
+  budget allows stay resident. peft runs the adapter on it as on any model. Peak memory:
+  the largest block, the adapter and what stays resident.
 Both ways run the same code on the same prompts, so they report the same figures.
 """
 
@@ -40,6 +46,9 @@ RELATIVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}
 # Bytes a parameter of the largest block needs while the bounded check streams it: float32
 # (4), its 16-bit stored copy mapped while it is converted (2), activations and slack (1).
 BLOCK_BYTES = 7
+# The check's own code and objects (tokenizer, model skeletons, generation), beyond a Python
+# process with torch, transformers and peft imported.
+CHECK_BYTES = 64 << 20
 
 
 class VerificationFailed(UserError):
@@ -188,12 +197,12 @@ def check_layout(base_folder: Path, adapter: Path, merged: Path) -> WeightsLayou
 def memory_needed(layout: WeightsLayout) -> int:
     """Bytes to verify a model whole: one float32 copy at a time (4 bytes a parameter) with
     10% for activations and the placement's headroom, and the adapter."""
-    return int(4 * layout.parameters * 1.1) + 4 * layout.adapter
+    return int(4 * layout.parameters * 1.1) + 4 * layout.adapter + CHECK_BYTES
 
 
 def bounded_memory_needed(layout: WeightsLayout) -> int:
     """Bytes to verify a model block by block: its largest block in flight, and the adapter."""
-    return BLOCK_BYTES * layout.largest_block + 4 * layout.adapter
+    return BLOCK_BYTES * layout.largest_block + 4 * layout.adapter + CHECK_BYTES
 
 
 @dataclass(frozen=True)
@@ -202,14 +211,11 @@ class MemoryPlan:
     needed: int  # bytes the mode needs at least
     budget: int  # bytes the check may hold: GPUs and RAM, capped by verify.max_memory
     max_memory: dict[int | str, int] | None = None  # bounded: accelerate's budget per device
-    streamed: int = 0  # bounded: bytes of float32 buffers the streamed blocks may hold
+    arena: int = 0  # bounded: bytes of the float32 buffer the streamed blocks are read into
 
     def describe(self) -> str:
         if self.mode == "whole":
-            return (
-                f"the whole model at a time (about {size(self.needed)} of "
-                f"{size(self.budget)})"
-            )
+            return f"the whole model at a time (about {size(self.needed)} of {size(self.budget)})"
         return (
             f"bounded, one layer at a time (at least {size(self.needed)}; "
             f"{size(self.budget)} allowed, the whole model needs more)"
@@ -243,24 +249,24 @@ def plan_memory(
     if floor > budget:
         raise UserError(
             f"verification needs at least {size(floor)} (one layer of the model at a time in "
-            f"float32; {layout.parameters / 1e9:.2f} B parameters) and this machine has "
+            f"float32; {layout.parameters / 1e6:,.0f} M parameters) and this machine has "
             f"{_describe_memory(gpus, ram)}: use a bigger machine, or set verify.enabled: false "
             "and run llm-finetune verify elsewhere"
         )
-    streamed = 4 * layout.largest_block  # accelerate keeps that much free for it
-    left = budget - (floor - streamed)
+    arena = 4 * layout.largest_block  # accelerate keeps that much free for it
+    left = budget - (floor - arena)
     devices: dict[int | str, int] = dict(enumerate(gpus))
     devices["cpu"] = max(0, ram - beside)
     per_device: dict[int | str, int] = {}
     for device, free in devices.items():
         per_device[device] = max(0, min(free, left))
         left -= per_device[device]
-    return MemoryPlan("bounded", floor, budget, per_device, streamed)
+    return MemoryPlan("bounded", floor, budget, per_device, arena)
 
 
 def size(nbytes: int) -> str:
-    """'3.84 GB', or '1.59 MB' for what would read 0.00 GB."""
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e7 else f"{nbytes / 1e6:.2f} MB"
+    """'3.84 GB', or '69.3 MB' below a GB."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _describe_memory(gpus: Sequence[int], ram: int) -> str:
@@ -320,7 +326,11 @@ def _load_whole(path: str, adapter: Path | None, **kwargs: Any) -> tuple[Any, An
 
 
 def _load_bounded(
-    path: str, adapter: Path | None, plan: MemoryPlan, offload: Path, **kwargs: Any
+    path: str,
+    adapter: Path | None,
+    plan: MemoryPlan,
+    offload: Path,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """(model, input device), its weights read block by block from the checkpoint's files by
     accelerate's offload hooks; the blocks that fit `plan.max_memory` stay resident.
@@ -336,7 +346,7 @@ def _load_bounded(
     from accelerate.hooks import AlignDevicesHook, attach_align_device_hook_on_blocks
     from accelerate.utils import set_module_tensor_to_device
 
-    model, stored = _meta_model(path, offload, **kwargs)
+    model, stored = _meta_model(path, offload, trust_remote_code)
     blocks = set(model._no_split_modules or ())
     skip_keys = getattr(model, "_skip_keys_device_placement", None)
     if adapter is not None:
@@ -357,7 +367,7 @@ def _load_bounded(
         model, max_memory=plan.max_memory, no_split_module_classes=sorted(blocks)
     )
     main = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
-    weights = _OffloadedFloat32(index, torch.device(main), plan.streamed)
+    weights = _StreamedWeights(index, torch.device(main), plan.arena + (1 << 20))
     for name in list(index):
         device = _device_of(device_map, name)
         if device != "disk":  # resident: loaded once
@@ -365,49 +375,59 @@ def _load_bounded(
             del index[name]
     weights.in_memory = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
     # What accelerate's dispatch_model does, with `weights` as the map the hooks read from.
-    streamed = ("disk",) if main == "cpu" else ("cpu", "disk")
-    execution = {k: main if d in streamed else d for k, d in device_map.items()}
+    offloaded = ("disk",) if main == "cpu" else ("cpu", "disk")
+    execution = {k: main if d in offloaded else d for k, d in device_map.items()}
     attach_align_device_hook_on_blocks(
         model,
         execution_device={"": main} | execution,
-        offload={k: d in streamed for k, d in device_map.items()},
+        offload={k: d in offloaded for k, d in device_map.items()},
         weights_map=weights,
         skip_keys=skip_keys,
         preload_module_classes=sorted(blocks),
     )
-    for module in model.modules():  # torch runs these after accelerate dropped the weights
+    for module in model.modules():  # torch runs these around accelerate's load and drop
         hook = getattr(module, "_hf_hook", None)
         if isinstance(hook, AlignDevicesHook) and hook.offload:
-            module.register_forward_hook(lambda *_: weights.release())
+            module.register_forward_pre_hook(weights.enter)
+            module.register_forward_hook(weights.leave)
     return model.eval(), torch.device(main)
 
 
-class _OffloadedFloat32(Mapping):
+class _StreamedWeights(Mapping):
     """The weights accelerate's offload hooks read: each tensor of `index` from its
-    safetensors file, upcast into a buffer on `device` that is used again once the block
-    that held it has run (fresh memory for every block costs more than the upcast: page
-    faults); the tensors of `in_memory` (the adapter's, resident ones) as they are."""
+    safetensors file, upcast into one float32 arena of `capacity` bytes on `device`; the
+    tensors of `in_memory` (the adapter's, resident ones) as they are.
 
-    def __init__(self, index: dict[str, dict[str, str]], device: Any, limit: int) -> None:
-        self.index, self.device, self.limit = index, device, limit
+    The arena is a stack: a streamed module's weights are pushed when accelerate loads them,
+    and popped once it has run and accelerate has dropped them (`enter`/`leave`, run by
+    torch's hooks around accelerate's), so the next block reuses the same memory: fresh
+    memory for every block would cost more than the upcast itself (page faults). A module
+    streamed inside another keeps the outer one's weights below its own."""
+
+    def __init__(self, index: dict[str, dict[str, str]], device: Any, capacity: int) -> None:
+        self.index, self.device, self.capacity = index, device, capacity
         self.in_memory: dict[str, Any] = {}
-        self.spare: dict[tuple[Any, ...], list[Any]] = {}
-        self.lent: list[tuple[tuple[Any, ...], Any]] = []
+        self.arena: Any = None  # made on first use; its pages count only once written
+        self.top = 0
+        self.marks: list[int] = []
 
-    def _read(self, name: str) -> tuple[Any, Any]:
-        """(the stored tensor, mapped from its file, not read yet; the dtype to hold it in)."""
-        import torch
-        from safetensors import safe_open
+    def enter(self, *_: Any) -> None:
+        self.marks.append(self.top)
 
-        entry = self.index[name]
-        with safe_open(entry["safetensors_file"], framework="pt") as f:
-            stored = f.get_tensor(entry["weight_name"])
-        return stored, getattr(torch, entry.get("dtype", "float32"))
+    def leave(self, *_: Any) -> None:
+        self.top = self.marks.pop()
 
     def load(self, name: str) -> Any:
         """A tensor of its own, for a weight that stays resident."""
         stored, dtype = self._read(name)
         return stored.to(dtype)
+
+    def _read(self, name: str) -> tuple[Any, Any]:
+        """(the stored tensor, mapped from its file, not read yet; the dtype to hold it in)."""
+        import torch
+
+        entry = self.index[name]
+        return _read_stored(entry), getattr(torch, entry.get("dtype", "float32"))
 
     def __getitem__(self, name: str) -> Any:
         import torch
@@ -415,28 +435,14 @@ class _OffloadedFloat32(Mapping):
         if name in self.in_memory:
             return self.in_memory[name]
         stored, dtype = self._read(name)
-        key = (tuple(stored.shape), dtype)
-        spare = self.spare.setdefault(key, [])
-        if spare:
-            out = spare.pop()
-        else:
-            self._make_room(stored.numel() * dtype.itemsize, key)
-            out = torch.empty(key[0], dtype=dtype, device=self.device)
-        self.lent.append((key, out))
-        return out.copy_(stored)
-
-    def _make_room(self, needed: int, key: tuple[Any, ...]) -> None:
-        """Free the spare buffers of other shapes when keeping them would pass `limit`."""
-        held = sum(out.nbytes for _, out in self.lent)
-        held += sum(out.nbytes for buffers in self.spare.values() for out in buffers)
-        if held + needed > self.limit:
-            self.spare = {key: self.spare[key]}
-
-    def release(self) -> None:
-        """The block that was lent the buffers has run, and accelerate has dropped them."""
-        for key, out in self.lent:
-            self.spare.setdefault(key, []).append(out)
-        self.lent.clear()
+        start = -(-self.top // 64) * 64  # aligned for any dtype
+        end = start + stored.numel() * dtype.itemsize
+        if end > self.capacity:  # a piece bigger than planned: correct, in memory of its own
+            return stored.to(device=self.device, dtype=dtype)
+        if self.arena is None:
+            self.arena = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        self.top = end
+        return self.arena[start:end].view(dtype).view(stored.shape).copy_(stored)
 
     def __iter__(self) -> Iterator[str]:
         return iter([*self.in_memory, *self.index])
@@ -445,7 +451,15 @@ class _OffloadedFloat32(Mapping):
         return len(self.in_memory) + len(self.index)
 
 
-def _meta_model(path: str, offload: Path, **kwargs: Any) -> tuple[Any, dict[int, Any]]:
+def _read_stored(entry: dict[str, str]) -> Any:
+    """A tensor as an offload index entry locates it: mapped from its file, not read yet."""
+    from safetensors import safe_open
+
+    with safe_open(entry["safetensors_file"], framework="pt") as f:
+        return f.get_tensor(entry["weight_name"])
+
+
+def _meta_model(path: str, offload: Path, trust: bool) -> tuple[Any, dict[int, Any]]:
     """The model with every checkpoint weight replaced by a zero-byte stand-in (expanded
     zeros: its shape and dtype, no memory), and {id(stand-in): (stand-in, where its bytes
     are: accelerate's offload index entry)}.
@@ -459,16 +473,15 @@ def _meta_model(path: str, offload: Path, **kwargs: Any) -> tuple[Any, dict[int,
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm_finetune.merge import base_shards, resolve_base_folder
+    from llm_finetune.merge import base_shards
     from llm_finetune.safetensors_stream import read_header
 
-    folder = resolve_base_folder(path, kwargs.get("revision"))
+    folder = Path(path)
     on_disk = {
         name: (shard, info.shape)
         for shard in base_shards(folder)
         for name, info in read_header(shard).tensors.items()
     }
-    trust = kwargs.get("trust_remote_code", False)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(
@@ -478,12 +491,16 @@ def _meta_model(path: str, offload: Path, **kwargs: Any) -> tuple[Any, dict[int,
     for name, _, _, tensor in _named_tensors(model):
         names.setdefault(id(tensor), []).append(name)
     where: dict[int, dict[str, str]] = {}
-    for _, _, _, tensor in _named_tensors(model):
+    for _, module, key, tensor in list(_named_tensors(model)):
         found = [n for n in names[id(tensor)] if n in on_disk]
         if not found or tuple(on_disk[found[0]][1]) != tuple(tensor.shape):
             return _meta_model_by_transformers(str(folder), offload, trust)
-        shard = str(on_disk[found[0]][0])
-        where[id(tensor)] = {"safetensors_file": shard, "weight_name": found[0], "dtype": "float32"}
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        entry = {"safetensors_file": str(on_disk[found[0]][0]), "weight_name": found[0]}
+        if key in module._buffers:  # not streamed by the hooks: read now (buffers are small)
+            _set(module, key, _read_stored(entry).to(tensor.dtype))
+        else:
+            where[id(tensor)] = entry | {"dtype": dtype}
     return model, _stand_ins(model, where)
 
 
@@ -663,12 +680,8 @@ def verify(
     max_memory: str | None = None,
 ) -> VerifyReport:
     """Compare the merged folder with base+adapter. Raises VerificationFailed beyond tolerance.
-
-    base+adapter generates greedily from each prompt; then each model runs once over prompt
-    and continuation: the logits on the prompt are compared, and the merged model agrees on a
-    generation when its greedy choice at every step is the token base+adapter chose (so it
-    would generate the same text). `max_memory` ("24GB") caps the memory the check may hold.
-    """
+    `max_memory` ("24GB") caps what the check may hold; below what the whole model needs it
+    runs block by block."""
     if not prompts:
         raise UserError("verify needs at least one prompt")
     if not (Path(merged) / "config.json").is_file():
@@ -695,7 +708,7 @@ def verify(
         def load(path: str, adapter: Path | None) -> tuple[Any, Any]:
             if offload is None:
                 return _load_whole(path, adapter, trust_remote_code=trust_remote_code)
-            return _load_bounded(path, adapter, plan, offload, trust_remote_code=trust_remote_code)
+            return _load_bounded(path, adapter, plan, offload, trust_remote_code)
 
         reference, device = load(str(base_folder), adapter)
         with torch.inference_mode():

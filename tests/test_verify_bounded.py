@@ -188,7 +188,7 @@ def test_a_cap_smaller_than_one_layer_is_one_line_with_the_fix():
         plan_memory(LAYOUT, [80 * GB], 500 * GB, "2GB")
     message = str(refused.value)
     assert message.startswith(
-        "verify.max_memory 2GB is smaller than one layer of the model (3.84 GB: "
+        "verify.max_memory 2GB is smaller than one layer of the model (3.91 GB: "
     )
     assert message.endswith(
         "raise it to at least that, or remove it to use the memory the machine has"
@@ -197,7 +197,7 @@ def test_a_cap_smaller_than_one_layer_is_one_line_with_the_fix():
 
 
 def test_too_little_memory_for_even_one_layer_is_refused():
-    with pytest.raises(UserError, match=r"needs at least 3.84 GB \(one layer .* 8.00 B param"):
+    with pytest.raises(UserError, match=r"needs at least 3.91 GB \(one layer .* 8,000 M param"):
         plan_memory(LAYOUT, [], 3 * GB)
 
 
