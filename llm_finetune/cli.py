@@ -133,7 +133,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     prompts = (
         raw if args.format == "raw" else [inference_prompt(args.format, p, tokenizer) for p in raw]
     )
-    report = verify(str(base_folder), adapter, merged, prompts, args.max_new_tokens)
+    report = verify(
+        str(base_folder), adapter, merged, prompts, args.max_new_tokens, max_memory=args.max_memory
+    )
     print(json.dumps(report.as_dict(), indent=2))
     return 0
 
@@ -238,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how prompts are wrapped before they reach the model",
     )
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--max-memory",
+        type=_memory_size,
+        help='cap on what the check holds, e.g. "24GB" (verify.max_memory); below what the '
+        "whole model needs it runs one layer at a time",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("publish", help="upload a model (or adapter) folder in one commit")
@@ -257,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True, help="folder where repos are stored")
     p.set_defaults(func=cmd_hub_server)
     return parser
+
+
+def _memory_size(text: str) -> str:
+    """argparse's check of --max-memory: a size accelerate understands, kept as written."""
+    from llm_finetune.config import memory_size
+
+    try:
+        memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -127,3 +127,16 @@ def test_bad_override_through_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     config.write_text("run_name: t\nmodel:\n  name: m\ndata:\n  datasets:\n    - path: d.jsonl\n")
     assert run_main(["validate", str(config), "lora.r"]) == 2
     assert capsys.readouterr().err == "error: override 'lora.r' must look like key.path=value\n"
+
+
+def test_verify_takes_a_memory_cap_accelerate_understands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from llm_finetune.cli import build_parser
+
+    argv = ["verify", "--base", "b", "--adapter", "a", "--merged", "m", "--max-memory", "1.5GiB"]
+    assert build_parser().parse_args(argv).max_memory == "1.5GiB"
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args([*argv[:-1], "12"])
+    assert refused.value.code == 2
+    assert "'12' is not a memory size such as '24GB'" in capsys.readouterr().err
