@@ -181,8 +181,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_hub_server(args: argparse.Namespace) -> int:
+    from llm_finetune.fsutil import check_output_folder
     from llm_finetune.hub_server import serve_forever
-    from llm_finetune.inputs import check_output_folder
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: a port is a number from 0 (any free port) to 65535")

@@ -41,6 +41,27 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def check_output_folder(name: str, what: str) -> None:
+    """A folder that will be written (made if missing): not a file, not under one, and in a
+    folder this user may write to."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {name!r} is a file, not a folder; choose another path")
+    above = path if path.exists() else path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(
+            f"{what} {name!r} is under {str(above)!r}, which is a file, not a folder; "
+            "choose another path"
+        )
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{what} {name!r}: this user may not write in {str(above)!r}; choose another path, "
+            "or change the folder's permissions"
+        )
+
+
 def check_free_disk(output: Path, needed: int, what: str = "the merged model") -> None:
     """Refuse to start writing `needed` bytes at `output` on a disk that cannot hold them."""
     parent = existing_ancestor(output.resolve().parent)

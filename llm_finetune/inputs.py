@@ -9,12 +9,11 @@ traceback from deep inside a loader.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import UserError, first_line
-from llm_finetune.fsutil import looks_like_local_path, read_json_object
+from llm_finetune.fsutil import check_output_folder, looks_like_local_path, read_json_object
 
 if TYPE_CHECKING:
     from llm_finetune.config import Config
@@ -186,27 +185,6 @@ def read_prompts(name: str) -> list[str]:
     if not prompts:
         raise UserError(f"--prompts {name!r} holds no prompt; write one prompt a line")
     return prompts
-
-
-def check_output_folder(name: str, what: str) -> None:
-    """A folder that will be written (made if missing): not a file, not under one, and in a
-    folder this user may write to."""
-    path = Path(name).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {name!r} is a file, not a folder; choose another path")
-    above = path if path.exists() else path.parent
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        raise UserError(
-            f"{what} {name!r} is under {str(above)!r}, which is a file, not a folder; "
-            "choose another path"
-        )
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise UserError(
-            f"{what} {name!r}: this user may not write in {str(above)!r}; choose another path, "
-            "or change the folder's permissions"
-        )
 
 
 def check_config_paths(config: Config) -> None:

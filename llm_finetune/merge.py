@@ -17,7 +17,6 @@ import contextlib
 import errno
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from llm_finetune.errors import UserError, abbreviated, first_line
 from llm_finetune.fsutil import (
     atomic_dir,
     check_free_disk,
-    existing_ancestor,
+    check_output_folder,
     looks_like_local_path,
     read_json_object,
 )
@@ -556,22 +555,6 @@ def _merged_configs(
     return config, generation, fixes
 
 
-def check_output_parent(output: Path) -> None:
-    """Refuse, before any work, an output folder that cannot be made: under a file, or in a
-    folder this user cannot write to (or on a read-only disk)."""
-    parent = existing_ancestor(output.absolute().parent)
-    if not parent.is_dir():
-        raise UserError(
-            f"output folder {str(output)!r} cannot be made: {str(parent)!r} is a file; "
-            "choose another output folder"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(
-            f"output folder {str(output)!r} cannot be made: {str(parent)!r} is not writable "
-            "(permissions, or a read-only disk); choose another output folder"
-        )
-
-
 @contextlib.contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     import torch
@@ -600,7 +583,7 @@ def merge(
 
     start = time.perf_counter()
     adapter, output = Path(adapter), Path(output)
-    check_output_parent(output)
+    check_output_folder(str(output), "output folder")
     with freed_memory_returned_to_the_os():  # process-wide: set back for what runs after
         lora = read_adapter(adapter)
         base_folder = resolve_base_folder(base, revision)

@@ -627,7 +627,7 @@ def test_an_output_under_a_file(valid, tmp_path, capsys):
     output = tmp_path / "notes.txt" / "merged"
     code, err = run_merge(capsys, valid / "base", valid / "adapter", output)
     assert_refused(
-        code, err, "notes.txt' is a file; choose another output folder", "notes.txt", output
+        code, err, "notes.txt', which is a file, not a folder; choose another", "notes.txt", output
     )
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -643,7 +643,7 @@ def test_an_output_in_a_folder_this_user_cannot_write(valid, tmp_path, capsys, m
     )
     output = locked / "merged"
     code, err = run_merge(capsys, valid / "base", valid / "adapter", output)
-    assert_refused(code, err, "is not writable", "locked", output)
+    assert_refused(code, err, "this user may not write in", "locked", output)
 
 
 def test_an_unreadable_shard(valid, tmp_path, capsys, monkeypatch):
