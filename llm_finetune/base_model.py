@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,22 +81,17 @@ def _pin_commit(name: str, revision: str | None) -> str:
 
 @dataclass(frozen=True)
 class BaseWeights:
+    """What the disk check counts (verification plans from the tensors' shapes instead)."""
+
     size: int  # bytes of the safetensors files
-    parameters: int
     to_download: int = 0  # bytes of them not in the Hub cache yet (a Hub id)
 
 
 def base_weights(base: BaseModel) -> BaseWeights | None:
-    """Size and parameter count of the base's safetensors weights: from the headers on disk,
-    or as the Hub lists them (None when unknown: offline, no access)."""
+    """Size of the base's safetensors weights: on disk, or as the Hub lists them (None when
+    unknown: offline, no access)."""
     if not base.on_hub:
-        from llm_finetune.safetensors_stream import read_header
-
-        shards = sorted(Path(base.path).glob("*.safetensors"))
-        tensors = [t for shard in shards for t in read_header(shard).tensors.values()]
-        return BaseWeights(
-            sum(p.stat().st_size for p in shards), sum(prod(t.shape) for t in tensors)
-        )
+        return BaseWeights(sum(p.stat().st_size for p in Path(base.path).glob("*.safetensors")))
     from huggingface_hub import HfApi, try_to_load_from_cache
 
     try:
@@ -106,10 +100,9 @@ def base_weights(base: BaseModel) -> BaseWeights | None:
         return None
     shards = [s for s in info.siblings or [] if s.rfilename.endswith(".safetensors")]
     size = sum(s.size or 0 for s in shards)
-    parameters = info.safetensors.total if info.safetensors else size // 2  # 16-bit weights
     to_download = sum(
         s.size or 0
         for s in shards
         if not isinstance(try_to_load_from_cache(base.path, s.rfilename, revision=info.sha), str)
     )
-    return BaseWeights(size, parameters, to_download)
+    return BaseWeights(size, to_download)
