@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from merge_bench import build_checkpoint
+from merge_bench import build_checkpoint, peak_rss_kb
 
 GOALS = {"rss_vs_whole": 0.25, "time_vs_whole": 2.0}
 MODES = ("whole", "bounded")
@@ -54,12 +54,6 @@ def prepare(work: Path, layers: int, args: argparse.Namespace) -> Path:
         write_tokenizer(folder / "base", args.vocab, DEFAULT_VERIFY_PROMPT)
         merge(str(folder / "base"), folder / "adapter", folder / "merged", dtype="bfloat16")
     return folder
-
-
-def peak_rss_kb() -> int:
-    """This process's peak RSS (VmHWM; ru_maxrss would survive exec from the parent)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
 def contender(mode: str, folder: Path, max_new_tokens: int) -> dict:
