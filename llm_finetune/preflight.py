@@ -140,6 +140,7 @@ def check_verify_memory(base: BaseModel, config: Config, backend: Backend) -> st
     from llm_finetune.verify import (
         available_memory,
         base_shapes,
+        describe_memory,
         layout_of,
         lora_parameters,
         plan_memory,
@@ -155,7 +156,7 @@ def check_verify_memory(base: BaseModel, config: Config, backend: Backend) -> st
     plan = plan_memory(layout, gpus, 2**62 if ram is None else ram, cap, beside)
     if ram is None:
         return "memory: the free RAM is unknown here; verification plans when it runs"
-    have = f"{sum(gpus) / 1e9:.0f} GB of GPU memory and {ram / 1e9:.0f} GB of free RAM"
+    have = describe_memory(gpus, ram)
     return f"memory: verification will hold {plan.describe()}; this machine has {have}"
 
 

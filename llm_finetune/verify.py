@@ -250,7 +250,7 @@ def plan_memory(
         raise UserError(
             f"verification needs at least {size(floor)} (one layer of the model at a time in "
             f"float32; {layout.parameters / 1e6:,.0f} M parameters) and this machine has "
-            f"{_describe_memory(gpus, ram)}: use a bigger machine, or set verify.enabled: false "
+            f"{describe_memory(gpus, ram)}: use a bigger machine, or set verify.enabled: false "
             "and run llm-finetune verify elsewhere"
         )
     arena = 4 * layout.largest_block  # accelerate keeps that much free for it
@@ -269,7 +269,8 @@ def size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def _describe_memory(gpus: Sequence[int], ram: int) -> str:
+def describe_memory(gpus: Sequence[int], ram: int) -> str:
+    """What the check can place models on, as the preflight and its errors say it."""
     return f"{sum(gpus) / 1e9:.0f} GB of GPU memory and {ram / 1e9:.0f} GB of free RAM"
 
 
