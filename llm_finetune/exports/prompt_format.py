@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 from llm_finetune.data import alpaca_prompt, format_alpaca, format_chat, format_dpo
 from llm_finetune.errors import UserError, abbreviated, first_line
+from llm_finetune.fsutil import read_json_object
 
 Message = dict[str, str]
 Render = Callable[[Sequence[Message], bool], str]  # (messages, add_generation_prompt) -> text
@@ -62,7 +62,7 @@ class TurnFormat:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         parts = [self.begin]
         if self.default_system is not None and not any(m["role"] == "system" for m in messages):
-            parts.append(self.prefix["system"] + self.default_system + self.suffix["system"])
+            parts.append(self._default_turn())
         for message in messages:
             if message["role"] in ROLES:
                 role = message["role"]
@@ -71,6 +71,9 @@ class TurnFormat:
             parts.append(self.generation_prompt)
         return "".join(parts)
 
+    def _default_turn(self) -> str:
+        return self.prefix["system"] + (self.default_system or "") + self.suffix["system"]
+
     def jinja(self) -> str:
         """The Jinja chat template (transformers, llama.cpp) that renders as `render` does."""
         q = _jinja_literal
@@ -78,18 +81,20 @@ class TurnFormat:
         if self.begin:
             lines.append("{{- " + q(self.begin) + " -}}")
         if self.default_system is not None:
-            default = self.prefix["system"] + self.default_system + self.suffix["system"]
             lines += [
                 "{%- set ns = namespace(has_system=false) -%}",
-                "{%- for message in messages if message['role'] == 'system' -%}",
+                "{%- for message in messages -%}",
+                "{%- if message['role'] == 'system' -%}",
                 "{%- set ns.has_system = true -%}",
+                "{%- endif -%}",
                 "{%- endfor -%}",
-                "{%- if not ns.has_system -%}{{- " + q(default) + " -}}{%- endif -%}",
+                "{%- if not ns.has_system -%}{{- " + q(self._default_turn()) + " -}}{%- endif -%}",
             ]
         lines.append("{%- for message in messages -%}")
         for index, role in enumerate(ROLES):
             keyword = "if" if index == 0 else "elif"
-            text = f"{q(self.prefix[role])} + message['content'] + {q(self.suffix[role])}"
+            pieces = [q(self.prefix[role]), "message['content']", q(self.suffix[role])]
+            text = " + ".join(piece for piece in pieces if piece != "''")
             lines.append(f"{{%- {keyword} message['role'] == '{role}' -%}}{{{{- {text} -}}}}")
         lines += [
             "{%- endif -%}",
@@ -105,17 +110,15 @@ class TurnFormat:
         does; None when a literal holds `{{`, which raw template text cannot."""
         pieces = [self.begin]
         if self.default_system is not None:
-            default = self.prefix["system"] + self.default_system + self.suffix["system"]
-            pieces += ["{{ if not .System }}", default, "{{ end }}"]
+            pieces += ["{{ if not .System }}", self._default_turn(), "{{ end }}"]
         pieces.append("{{ range .Messages }}")
         for index, role in enumerate(ROLES):
             keyword = "if" if index == 0 else "else if"
             pieces += [f'{{{{ {keyword} eq .Role "{role}" }}}}', self.prefix[role]]
             pieces += ["{{ .Content }}", self.suffix[role]]
         pieces += ["{{ end }}{{ end }}", self.generation_prompt]
-        literals = [self.begin, self.generation_prompt, *self.prefix.values()]
-        literals += [*self.suffix.values(), self.default_system or ""]
-        if any("{{" in text for text in literals):
+        literals = [self.begin, self.generation_prompt, self._default_turn()]
+        if any("{{" in text for text in [*literals, *self.prefix.values(), *self.suffix.values()]):
             return None
         return "".join(pieces)
 
@@ -199,8 +202,8 @@ def write_prompt_format(folder: Path, data_format: str) -> list[str]:
         changes.append(f"{TEMPLATE_FILE}: the {data_format} training format's chat template")
     config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        if isinstance(config, dict) and "chat_template" in config:
+        config = read_json_object(config_file, f"copy the tokenizer files into {folder} again")
+        if "chat_template" in config:
             del config["chat_template"]
             _replace_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
             changes.append("tokenizer_config.json: its copy of a chat template removed")
@@ -216,21 +219,12 @@ def write_prompt_format(folder: Path, data_format: str) -> list[str]:
 
 def _replace_text(path: Path, text: str) -> None:
     """Write `path` by rename: never half-written, and never through a link into a cache."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    temporary = path.with_name(f".{path.name}.partial")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # ---- Reading a format off a Jinja template -------------------------------------------------
@@ -279,6 +273,7 @@ def turn_format(render: Render) -> TurnFormat | None:
     user_turn = user_prefix + u1 + user_suffix
     if not (
         prompted.startswith(user_only)
+        and pair.startswith(before_user + u1)
         and pairs.startswith(pair)
         and after_user.startswith(user_suffix)
         and before_user.endswith(user_prefix)
@@ -383,12 +378,7 @@ def ollama_files(
     found = turn_format(jinja_render(chat_template, eos_token=eos_token, bos_token=""))
     template = found.go_template() if found else None
     quoted = _modelfile_value(template) if template else None
-    if (
-        found
-        and template
-        and quoted
-        and _renders_alike(ollama_render(template), found.render, prompts_only=True)
-    ):
+    if found and template and quoted and _go_renders_as(template, found):
         stops = found.stops(eos_token)
         modelfile.append(f"TEMPLATE {quoted}")
         modelfile += [f"PARAMETER stop {_modelfile_value(stop)}" for stop in stops]
@@ -398,8 +388,8 @@ def ollama_files(
         note = (
             "the chat template is not a linear role-header format that this export translates "
             "to an Ollama Go template: no TEMPLATE or stop written, so Ollama renders the "
-            "GGUF's tokenizer.chat_template itself (Ollama before 2026 picks the closest "
-            "template of its own instead: check `ollama show --template`)"
+            "GGUF's tokenizer.chat_template (with llama.cpp since Ollama 0.30; older versions "
+            "pick the closest template of their own: check `ollama show --template`)"
         )
     if system is not None:
         quoted_system = _modelfile_value(system)
@@ -413,6 +403,11 @@ def ollama_files(
         files["system"] = system
     files["Modelfile"] = "\n".join(modelfile) + "\n"
     return OllamaFiles(files=files, note=note)
+
+
+def _go_renders_as(template: str, found: TurnFormat) -> bool:
+    """A last check of the translation, by the renderer the consistency check uses."""
+    return _renders_alike(ollama_render(template), found.render, prompts_only=True)
 
 
 def _modelfile_value(text: str) -> str | None:
