@@ -275,7 +275,7 @@ def test_a_dpo_export_agrees_with_training(merged, tokenizer):
     )
 
 
-@pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHATML, CHATML_DEFAULT_SYSTEM])
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHATML, CHATML_DEFAULT_SYSTEM, BOS_FIRST])
 def test_a_chat_export_agrees_with_training(tmp_path, saved_tokenizer, template):
     trained_with = load_tokenizer(saved_tokenizer, template)
     folder = tmp_path / "merged"
@@ -375,6 +375,13 @@ def test_an_ollama_system_prompt_is_rendered_as_ollama_does(tokenizer, merged):
     assert len(problems) == 2 and all(
         "TEMPLATE renders the prompt otherwise" in p for p in problems
     )
+
+
+def test_an_unterminated_modelfile_template_is_reported(tokenizer):
+    files = {"Modelfile": 'FROM ./m.gguf\nTEMPLATE """{{ .Prompt }}\n'}
+    assert prompt_format_problems("alpaca", ALPACA_ROW, tokenizer, Shipped(ollama=files)) == [
+        'the Modelfile\'s template value has no closing """'
+    ]
 
 
 def test_a_system_prompt_a_modelfile_cannot_quote_is_refused(tokenizer):

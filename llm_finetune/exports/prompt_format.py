@@ -184,17 +184,8 @@ def write_prompt_format(folder: Path, data_format: str) -> list[str]:
     """Make the model folder carry the training format's chat template, in the one place
     transformers 5 and llama.cpp's converter both read (`chat_template.jinja`), with no other
     copy left (the converter would take tokenizer_config.json's first); return what changed."""
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:  # a missing or damaged tokenizer file, in the loader's words
-        raise UserError(
-            f"the tokenizer in {folder} does not load ({first_line(exc)}); copy the tokenizer "
-            f"files into {folder} again"
-        ) from None
-    template = training_chat_template(data_format, tokenizer)
+    template = training_chat_template(data_format, _load_tokenizer(folder))
     changes = []
     template_file = folder / TEMPLATE_FILE
     if not template_file.is_file() or template_file.read_text(encoding="utf-8") != template:
@@ -215,6 +206,18 @@ def write_prompt_format(folder: Path, data_format: str) -> list[str]:
         shutil.rmtree(extras)
         changes.append(f"{EXTRA_TEMPLATES_DIR}/: removed (formats the model was not trained on)")
     return changes
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a missing or damaged tokenizer file, in the loader's words
+        raise UserError(
+            f"the tokenizer in {folder} does not load ({first_line(exc)}); copy the tokenizer "
+            f"files into {folder} again"
+        ) from None
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -439,7 +442,10 @@ def read_modelfile(text: str) -> list[tuple[str, str]]:
             value = value.lstrip(" \t")
         if value.startswith('"""'):
             while len(value) < 6 or not value.rstrip().endswith('"""'):
-                value += "\n" + next(lines)
+                line = next(lines, None)
+                if line is None:
+                    raise ValueError(f'the Modelfile\'s {name} value has no closing """')
+                value += "\n" + line
             value = value.rstrip()[3:-3]
         elif value.startswith('"') and value.endswith('"') and len(value) >= 2:
             value = value[1:-1]
@@ -644,9 +650,7 @@ def _ids(value: Any) -> list[int]:
 def shipped_by_folder(folder: Path) -> Shipped:
     """The merged folder's part: its chat template as AutoTokenizer loads it, and the EOS ids
     of its tokenizer and its generation_config."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _load_tokenizer(folder)
     generation_file = folder / "generation_config.json"
     source = generation_file if generation_file.is_file() else folder / "config.json"
     eos = json.loads(source.read_text(encoding="utf-8")).get("eos_token_id")
@@ -761,7 +765,10 @@ def _ollama_problems(
     default system prompt Ollama adds to a conversation that has none."""
     places = []
     if "Modelfile" in files:
-        commands = read_modelfile(files["Modelfile"])
+        try:
+            commands = read_modelfile(files["Modelfile"])
+        except ValueError as exc:
+            return [first_line(exc)]
         values = {name: value for name, value in commands}
         stops = [value for name, value in commands if name == "stop"]
         places.append(("the Modelfile", values.get("template"), stops, values.get("system")))
