@@ -144,16 +144,14 @@ class Reference:
 
     held_out: HeldOut
     logits_file: Path
-    starts: list[int]  # row of the file where each sequence's positions begin
+    starts: list[int]  # row of the file where each sequence's positions begin, then the end
     generations: list[list[int]]  # greedy, from each prompt
     perplexity: float  # on the sequences' next tokens
 
     def logits(self, index: int) -> np.ndarray:
         """[len(sequence) - 1, vocab]: the logits predicting each next token of sequence `index`."""
-        stored = np.load(self.logits_file, mmap_mode="r")
-        return stored[
-            self.starts[index] : self.starts[index] + len(self.held_out.sequences[index]) - 1
-        ]
+        start, end = self.starts[index], self.starts[index + 1]
+        return np.load(self.logits_file, mmap_mode="r")[start:end]
 
 
 def reference(merged: Path, held_out: HeldOut, folder: Path, device: str = "cpu") -> Reference:
