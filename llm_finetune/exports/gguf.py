@@ -1,0 +1,291 @@
+"""GGUF files made and run by llama.cpp's own code, offline: its converter
+(`convert_hf_to_gguf.py`, in a subprocess), its quantizer (`llama_model_quantize` in libllama)
+and its runtime (llama-cpp-python), all of one llama.cpp commit, installed by
+`scripts/install_llama_cpp.sh` (`make setup-gguf`).
+
+llama-cpp-python, numpy and gguf-py are imported inside the functions: the preflight imports
+this module on machines where GGUF is not asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llm_finetune.errors import UserError, first_line
+from llm_finetune.exports.formats import CONVERTER_TYPES, GGUF_TYPES
+
+# Where the install script puts the converter of the installed llama-cpp-python's commit.
+CONVERTER_DIR = Path(sys.prefix) / "share" / "llama.cpp"
+SETUP_COMMAND = "make setup-gguf"
+
+
+def _converter_stamp(version: str) -> Path:
+    """Written by the install script once the converter of llama-cpp-python `version` is there."""
+    return CONVERTER_DIR / f".llama-cpp-python-{version}"
+
+
+def toolchain_problem() -> str | None:
+    """None when llama.cpp's runtime, quantizer and converter are all installed, of one commit;
+    else one line saying what is missing and the command that installs it."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except Exception as exc:  # an ImportError, or an OSError from loading libllama
+        return (
+            f"GGUF exports need llama-cpp-python and gguf-py, which do not import here "
+            f"({first_line(exc)}): run `{SETUP_COMMAND}`"
+        )
+    if not (CONVERTER_DIR / "convert_hf_to_gguf.py").is_file():
+        return (
+            f"GGUF exports need llama.cpp's converter, not found in {CONVERTER_DIR}: "
+            f"run `{SETUP_COMMAND}`"
+        )
+    if not _converter_stamp(llama_cpp.__version__).is_file():
+        return (
+            f"llama.cpp's converter in {CONVERTER_DIR} is not the one of the installed "
+            f"llama-cpp-python {llama_cpp.__version__}: run `{SETUP_COMMAND}`"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a fresh hidden name beside `target` for a writer to create; rename it into place
+    only on success, so a failed or killed export never leaves a file that looks finished."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.partial-*"):  # from a killed run
+        leftover.unlink(missing_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        if not staging.is_file():
+            raise RuntimeError(f"the GGUF writer reported success but wrote no {staging}")
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+# --- conversion (llama.cpp's convert_hf_to_gguf.py) ---
+
+_UNRECOGNISED = re.compile(r"NotImplementedError: BPE pre-tokenizer was not recognized")
+_CHECK_HASH = re.compile(r"chkhsh:\s+([0-9a-f]{64})")
+_MISMATCH = re.compile(r"PreTokenizerMismatch: (.*)")
+_UNSUPPORTED = re.compile(r"Model (\S+) is not supported")
+_ERROR_LINE = re.compile(r"^(ERROR:|[\w.]*(Error|Exception|Exit)\b)")
+
+
+def _last_error_line(stderr: str, returncode: int) -> str:
+    """The converter's last error line: an uncaught exception's last line or its last ERROR
+    log line (progress bars and warnings come after them on stderr)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line):
+            return line
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def _conversion_error(merged: Path, stderr: str, returncode: int) -> str:
+    if _UNRECOGNISED.search(stderr):
+        found = _CHECK_HASH.search(stderr)
+        checksum = f" (hash {found.group(1)[:12]}…)" if found else ""
+        return (
+            f"{merged}: llama.cpp's converter does not recognise the tokenizer's BPE "
+            f"pre-tokenizer{checksum}: set export.gguf_pre_tokenizer to the llama.cpp "
+            f"pre-tokenizer whose regex matches the tokenizer's (e.g. qwen2, llama-bpe, gpt-2)"
+        )
+    if found := _MISMATCH.search(stderr):
+        return f"{merged}: {found.group(1)}"
+    if found := _UNSUPPORTED.search(stderr):
+        return (
+            f"{merged}: llama.cpp's converter does not support the architecture "
+            f"{found.group(1)}: drop the GGUF formats from export.formats for this model"
+        )
+    return f"{merged}: llama.cpp's converter failed: {_last_error_line(stderr, returncode)}"
+
+
+def convert(merged: Path, target: Path, outtype: str, pre_tokenizer: str | None = None) -> None:
+    """Write the merged HF folder as a GGUF at `outtype` (f32/f16/bf16/q8_0) with llama.cpp's
+    own converter. `pre_tokenizer` names the llama.cpp pre-tokenizer to record for a BPE
+    tokenizer the converter does not recognise; a recognised one keeps its own name."""
+    if outtype not in CONVERTER_TYPES:
+        raise ValueError(f"llama.cpp's converter writes {CONVERTER_TYPES}, not {outtype!r}")
+    with _atomic_file(target) as staging:
+        command = [
+            sys.executable,
+            "-m",
+            "llm_finetune.exports.convert_gguf",
+            str(CONVERTER_DIR),
+            pre_tokenizer or "",
+            str(merged),
+            "--outfile",
+            str(staging),
+            "--outtype",
+            outtype,
+        ]
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise UserError(_conversion_error(merged, done.stderr, done.returncode))
+        if pre_tokenizer:
+            _check_pre_tokenizer_known(staging, pre_tokenizer)
+
+
+def _check_pre_tokenizer_known(file: Path, pre_tokenizer: str) -> None:
+    """A declared name is written as it is; only llama.cpp's loader knows the valid ones."""
+    llama_cpp = _quiet_llama_cpp()
+    try:
+        llama_cpp.Llama(model_path=str(file), vocab_only=True, verbose=False).close()
+    except ValueError:
+        raise UserError(
+            f"export.gguf_pre_tokenizer: llama.cpp cannot load a tokenizer with pre-tokenizer "
+            f"{pre_tokenizer!r} ({_first_llama_error() or 'no reason given'}): use one of the "
+            f"names llama.cpp's src/llama-vocab.cpp knows (e.g. qwen2, llama-bpe, gpt-2)"
+        ) from None
+
+
+# --- llama.cpp's log, quantizer and runtime (llama-cpp-python) ---
+
+_llama_errors: list[str] = []
+_log_callback: Any = None  # kept referenced: libllama calls it for the life of the process
+
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h of this commit (llama_cpp/_logger.py's 3 is outdated)
+
+
+def _quiet_llama_cpp() -> Any:
+    """Import llama_cpp with its log taken off stderr: the check runs models many times and
+    the log would bury our output. Its error lines are kept for our own messages."""
+    import llama_cpp
+
+    global _log_callback
+    if _log_callback is None:
+
+        @llama_cpp.llama_log_callback
+        def keep_errors(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+            if level == _GGML_LOG_LEVEL_ERROR and len(_llama_errors) < 10:
+                _llama_errors.append(text.decode("utf-8", "replace").strip())
+
+        _log_callback = keep_errors
+        llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+    _llama_errors.clear()
+    return llama_cpp
+
+
+def _first_llama_error() -> str:
+    """The first error llama.cpp logged since `_quiet_llama_cpp`: the cause (what follows it
+    is "failed to load model" and the like), without the C function's name."""
+    first = next((line for line in _llama_errors if line), "")
+    return re.sub(r"^\w+: ", "", first)
+
+
+def quantize(source: Path, target: Path, gguf_type: str) -> None:
+    """Quantize a converter-written GGUF with llama.cpp's own quantizer (what llama-quantize
+    runs). Tensors whose rows do not fit the type's blocks fall back to another type, as in
+    llama-quantize: `gguf_metadata(target)["tensor_types"]` tells which got what."""
+    llama_cpp = _quiet_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{GGUF_TYPES[gguf_type]}")
+    params.nthread = len(os.sched_getaffinity(0))
+    with _atomic_file(target) as staging:
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(staging).encode(), ctypes.byref(params)
+        )
+        if status != 0:
+            reason = _first_llama_error() or f"status {status}"
+            raise UserError(f"{source}: llama.cpp could not quantize it to {gguf_type}: {reason}")
+
+
+class LlamaCppRunner:
+    """A GGUF file run in llama.cpp itself, on the CPU: the runtime users run it in. Greedy and
+    single-threaded-deterministic: the same ids give the same logits on every call."""
+
+    def __init__(self, file: Path, n_ctx: int) -> None:
+        llama_cpp = _quiet_llama_cpp()
+        self._llama_cpp = llama_cpp
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(file),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_gpu_layers=0,
+                logits_all=True,
+                seed=0,
+                n_threads=len(os.sched_getaffinity(0)),
+                verbose=False,
+            )
+        except ValueError:
+            reason = _first_llama_error() or "no reason given"
+            raise UserError(f"{file}: llama.cpp cannot load it: {reason}") from None
+        self.n_ctx = n_ctx
+
+    def _evaluate(self, ids: list[int]) -> None:
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens do not fit the runner's context of {self.n_ctx}")
+        self._llama.reset()
+        self._llama.eval(ids)
+
+    def logits(self, ids: list[int]) -> Any:
+        """float32 [len(ids), vocab]: the next-token logits at every position."""
+        import numpy as np
+
+        self._evaluate(ids)
+        return np.array(self._llama.scores[: len(ids)], dtype=np.float32)
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of `ids`; stops after a token llama.cpp counts as
+        end-of-generation (the GGUF's EOS, EOT, ...), which is then the last id returned."""
+        import numpy as np
+
+        vocab = self._llama._model.vocab
+        new: list[int] = []
+        self._evaluate(ids)
+        while len(new) < max_new_tokens:
+            token = int(np.argmax(self._llama.scores[self._llama.n_tokens - 1]))
+            new.append(token)
+            if self._llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            if len(ids) + len(new) >= self.n_ctx:
+                break
+            self._llama.eval([token])
+        return new
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokenization of `text`, special tokens parsed and BOS added as the GGUF
+        says: compared with the HF tokenizer's to show both split text alike."""
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def close(self) -> None:
+        self._llama.close()
+
+
+def gguf_metadata(file: Path) -> dict[str, Any]:
+    """What a GGUF says about itself (read by gguf-py, not llama.cpp): the table and the
+    consistency checks compare these with the merged model's."""
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(file)
+
+    def field(key: str) -> Any:
+        found = reader.get_field(key)
+        return None if found is None else found.contents()
+
+    file_type = field("general.file_type")
+    return {
+        "architecture": field("general.architecture"),
+        "file_type": None if file_type is None else LlamaFileType(file_type).name,
+        "chat_template": field("tokenizer.chat_template"),
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "pre_tokenizer": field("tokenizer.ggml.pre"),
+        "tensor_types": dict(Counter(tensor.tensor_type.name for tensor in reader.tensors)),
+    }
