@@ -46,8 +46,8 @@ def choose_pre_tokenizer(detect: Callable[[], str], declared: str) -> str:
 def main(argv: list[str]) -> None:
     converter_dir, declared, *converter_args = argv
     sys.path.insert(0, converter_dir)
-X
-    from conversion.base import TextModel  # noqa: PLC0415
+    import convert_hf_to_gguf  # llama.cpp's, found on the path only now
+    from conversion.base import TextModel
 
     if declared:
         detect_original = TextModel.get_vocab_base_pre
