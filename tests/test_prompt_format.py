@@ -380,7 +380,7 @@ def test_an_ollama_system_prompt_is_rendered_as_ollama_does(tokenizer, merged):
 def test_an_unterminated_modelfile_template_is_reported(tokenizer):
     files = {"Modelfile": 'FROM ./m.gguf\nTEMPLATE """{{ .Prompt }}\n'}
     assert prompt_format_problems("alpaca", ALPACA_ROW, tokenizer, Shipped(ollama=files)) == [
-        'the Modelfile\'s template value has no closing """'
+        'the Modelfile\'s TEMPLATE value has no closing """'
     ]
 
 
