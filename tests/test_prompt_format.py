@@ -369,8 +369,9 @@ def test_an_ollama_system_prompt_is_rendered_as_ollama_does(tokenizer, merged):
     replaces the trained preamble, which the check reports."""
     write_prompt_format(merged, "alpaca")
     template = load_tokenizer(merged).chat_template
-    files = ollama_files(template, EOS, "m.gguf", system='Say "hi"\nthen answer').files
-    assert read_modelfile(files["Modelfile"])[1] == ("system", 'Say "hi"\nthen answer')
+    system = '"Hi",\nthen answer "so"'
+    files = ollama_files(template, EOS, "m.gguf", system=system).files
+    assert read_modelfile(files["Modelfile"])[1] == ("system", system)
     problems = prompt_format_problems("alpaca", ALPACA_ROW, tokenizer, Shipped(ollama=files))
     assert len(problems) == 2 and all(
         "TEMPLATE renders the prompt otherwise" in p for p in problems

@@ -399,8 +399,7 @@ def ollama_files(
         if quoted_system is None:
             raise UserError(
                 f"the system prompt {abbreviated(system)} cannot be quoted in a Modelfile "
-                "(it holds '\"\"\"', an unprintable character, or starts or ends with '\"'): "
-                "reword it"
+                '(it holds \'"""\' or an unprintable character): reword it'
             )
         modelfile.insert(1, f"SYSTEM {quoted_system}")
         files["system"] = system
@@ -421,8 +420,6 @@ def _modelfile_value(text: str) -> str | None:
         return None
     if '"' not in text and "\n" not in text:
         return f'"{text}"'
-    if text.startswith('"') or text.endswith('"'):
-        return None
     return f'"""{text}"""'
 
 
@@ -653,7 +650,7 @@ def shipped_by_folder(folder: Path) -> Shipped:
     tokenizer = _load_tokenizer(folder)
     generation_file = folder / "generation_config.json"
     source = generation_file if generation_file.is_file() else folder / "config.json"
-    eos = json.loads(source.read_text(encoding="utf-8")).get("eos_token_id")
+    eos = read_json_object(source, f"re-save the model in {folder}").get("eos_token_id")
     return Shipped(
         chat_templates={
             "the merged folder's chat template": default_template(tokenizer.chat_template)
