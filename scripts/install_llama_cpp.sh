@@ -21,7 +21,7 @@ fail() {
 [ $# -eq 1 ] || fail "usage: scripts/install_llama_cpp.sh VENV"
 venv=$1
 python=$venv/bin/python
-[ -x "$python" ] || fail "no Python at $python: create the virtualenv first (make .venv)"
+[ -x "$python" ] || fail "no Python at $python: create the virtualenv first (make setup)"
 share=$venv/share/llama.cpp
 stamp=$share/.llama-cpp-python-$VERSION
 

@@ -4,6 +4,7 @@ compared with transformers on a tiny Llama whose rows (256) let K-quants really 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -172,6 +173,7 @@ def test_q8_0_by_the_converter_and_q4_k_m_by_the_quantizer(tiny, f16_file):
     assert meta["tensor_types"]["Q4_K"] >= 10 and meta["tensor_types"]["Q6_K"] >= 1
     assert sum(meta["tensor_types"].values()) == 21
     assert q4.stat().st_size < q8.stat().st_size < f16_file.stat().st_size
+    assert not list(folder.glob(".*partial*"))
 
     results = {}
     for file in (q8, q4):
@@ -277,21 +279,26 @@ def test_a_failed_conversion_leaves_no_file_and_says_why(tiny, tmp_path):
     merged = tmp_path / "merged"
     shutil.copytree(tiny["folder"], merged)
     weights = merged / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    os.truncate(weights, weights.stat().st_size - 4)  # fails while the GGUF is being written
     target = tmp_path / "model.gguf"
-    with pytest.raises(UserError, match="llama.cpp's converter failed: .*Error") as caught:
+    with pytest.raises(UserError, match="llama.cpp's converter failed: ValueError: .+") as caught:
         gguf.convert(merged, target, "q8_0", pre_tokenizer="qwen2")
     assert "\n" not in str(caught.value)
     assert list(tmp_path.iterdir()) == [merged]
 
 
 @needs_toolchain
-def test_a_failed_quantization_leaves_no_file_and_says_why(tmp_path):
+def test_a_failed_quantization_says_why_in_one_line(f16_file, tmp_path):
     source = tmp_path / "not.gguf"
     source.write_bytes(b"not a gguf file")
     target = tmp_path / "model-Q4_K_M.gguf"
-    with pytest.raises(UserError, match="could not quantize it to q4_k_m: .+"):
+    with pytest.raises(UserError, match="could not quantize it to q4_k_m: invalid magic"):
         gguf.quantize(source, target, "q4_k_m")
+    # A type llama.cpp knows beyond formats.GGUF_TYPES is passed through to its quantizer.
+    with pytest.raises(UserError, match="to iq2_xxs: this quantization requires an importance"):
+        gguf.quantize(f16_file, target, "iq2_xxs")
+    with pytest.raises(UserError, match="has no quant type 'q9_z'"):
+        gguf.quantize(f16_file, target, "q9_z")
     assert list(tmp_path.iterdir()) == [source]
 
 

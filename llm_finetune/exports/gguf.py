@@ -172,7 +172,7 @@ def _quiet_llama_cpp() -> Any:
         @llama_cpp.llama_log_callback
         def keep_errors(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
             if level == _GGML_LOG_LEVEL_ERROR and len(_llama_errors) < 10:
-                _llama_errors.append(text.decode("utf-8", "replace").strip())
+                _llama_errors.append(text.decode("utf-8", "replace"))
 
         _log_callback = keep_errors
         llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
@@ -183,18 +183,27 @@ def _quiet_llama_cpp() -> Any:
 
 def _first_llama_error() -> str:
     """The first error llama.cpp logged since `_quiet_llama_cpp`: the cause (what follows it
-    is "failed to load model" and the like), without the C function's name."""
-    first = next((line for line in _llama_errors if line), "")
+    is "failed to load model" and the like), without banners or the C function's name."""
+    lines = (line.strip() for text in _llama_errors for line in text.splitlines())
+    first = next((line for line in lines if re.search("[A-Za-z]", line)), "")
     return re.sub(r"^\w+: ", "", first)
 
 
 def quantize(source: Path, target: Path, gguf_type: str) -> None:
     """Quantize a converter-written GGUF with llama.cpp's own quantizer (what llama-quantize
-    runs). Tensors whose rows do not fit the type's blocks fall back to another type, as in
-    llama-quantize: `gguf_metadata(target)["tensor_types"]` tells which got what."""
+    runs). `gguf_type` is one of formats.GGUF_TYPES or any other type llama.cpp knows (its
+    `LLAMA_FTYPE_MOSTLY_<TYPE>`). Tensors whose rows do not fit the type's blocks fall back
+    to another type, as in llama-quantize: `gguf_metadata(target)["tensor_types"]` says which."""
     llama_cpp = _quiet_llama_cpp()
+    ftype_name = GGUF_TYPES.get(gguf_type, f"MOSTLY_{gguf_type.upper()}")
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype_name}", None)
+    if ftype is None:
+        raise UserError(
+            f"export.formats: llama.cpp {llama_cpp.__version__} has no quant type {gguf_type!r} "
+            f"(no LLAMA_FTYPE_{ftype_name}): use one of {', '.join(GGUF_TYPES)}"
+        )
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{GGUF_TYPES[gguf_type]}")
+    params.ftype = ftype
     params.nthread = len(os.sched_getaffinity(0))
     with _atomic_file(target) as staging:
         status = llama_cpp.llama_model_quantize(
