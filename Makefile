@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/llm-finetune
 STAMP := $(VENV)/.installed
 UNSLOTH_STAMP := $(VENV)/.unsloth
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp
 CONFIG ?= configs/tiny-llama/sft.yaml
 # CPU machines get the CPU build of torch; a GPU box (nvidia-smi present) keeps PyPI's CUDA build.
 CPU_TORCH ?= torch==2.13.0
@@ -25,7 +26,7 @@ RUN := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_pr
 	$(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) -m llm_finetune.cli
 endif
 
-.PHONY: setup setup-unsloth finetune-and-publish train merge verify publish test test-fast lint format bench clean
+.PHONY: setup setup-unsloth setup-gguf setup-export finetune-and-publish train merge verify publish test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +54,23 @@ $(UNSLOTH_STAMP): $(STAMP) scripts/install_unsloth_cpu.sh
 	fi
 	touch $@
 
-## The main job: train -> adapter -> 16-bit merge -> verify -> publish (CONFIG=configs/<model>/<method>.yaml)
+## GGUF exports: llama.cpp (llama-cpp-python, compiled once per machine, ~8 min on 2 cores,
+## then reused from pip's cache) and llama.cpp's converter of the same commit.
+setup-gguf: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP) scripts/install_llama_cpp.sh
+	bash scripts/install_llama_cpp.sh $(VENV)
+	touch $@
+
+## merged_4bit exports: bitsandbytes.
+setup-export: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[export]"
+
+## The main job: train -> adapter -> 16-bit merge -> verify -> export -> publish
+## (CONFIG=configs/<model>/<method>.yaml); first installs what the config's exports need.
 finetune-and-publish: $(STAMP)
+	@needs="$$($(PY) -m llm_finetune.exports $(CONFIG) $(ARGS))" || exit $$?; \
+		if [ -n "$$needs" ]; then $(MAKE) --no-print-directory $$needs; fi
 	$(RUN) run $(CONFIG) $(ARGS)
 
 train: $(STAMP)
@@ -71,10 +87,10 @@ verify: $(STAMP)
 publish: $(STAMP)
 	$(CLI) publish --folder "$(FOLDER)" --repo-id "$(REPO_ID)" $(ARGS)
 
-test: $(UNSLOTH_STAMP)
+test: $(UNSLOTH_STAMP) $(LLAMA_CPP_STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(UNSLOTH_STAMP)
+test-fast: $(UNSLOTH_STAMP) $(LLAMA_CPP_STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -47,7 +47,71 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 |---|---|
 {% for key, value in metric_rows %}| {{ key }} | {{ value }} |
 {% endfor %}
+{% if export_table %}
+## Exports, each checked against this model before publishing
+
+{{ export_table }}
+
+KL, top-1 agreement and "stops at EOS" compare each format's next-token distributions and
+greedy generations with this 16-bit model's, on the same held-out token sequences;
+perplexity is each format's own on those sequences.
+{% endif %}"""
+
+EXPORT_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ what }} of [{{ merged_repo_id }}]({{ merged_link }}), **{{ base_model_text }}** fine-tuned
+with LoRA ({{ method }}) by llm-finetune {{ version }}. {{ how }}
+
+## Files and their check against the 16-bit model
+
+{{ export_table }}
+
+KL, top-1 agreement and "stops at EOS" compare each file's next-token distributions and greedy
+generations with the 16-bit model's, on the same held-out token sequences; perplexity is each
+file's own on those sequences. A file beyond its limits is not published.
+
+## Usage
+
+{{ usage }}
 """
+
+GGUF_USAGE = """```sh
+llama-cli -hf {repo_id}:{tag}
+ollama run hf.co/{repo_id}:{tag}
+```
+
+The prompt format the model was trained with is in each file's `tokenizer.chat_template`, and
+in the Ollama `template` and `params` files of this repo (stop tokens included)."""
+
+BNB_USAGE = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}")  # needs bitsandbytes
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+```"""
+
+EXPORT_TEXTS = {
+    "gguf": (
+        "GGUF files",
+        "Written with llama.cpp's own converter and quantizer, and each checked by running it "
+        "in llama.cpp.",
+        GGUF_USAGE,
+    ),
+    "merged_4bit": (
+        "A bitsandbytes 4-bit (NF4) copy",
+        "Quantized from the 16-bit merge with bitsandbytes.",
+        BNB_USAGE,
+    ),
+    "fp32": (
+        "A float32 merge",
+        "The LoRA adapter merged into the base weights in float32.",
+        BNB_USAGE.replace("  # needs bitsandbytes", ""),
+    ),
+}
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -122,9 +186,12 @@ def write_model_card(
     training_rows: list[tuple[str, Any]],
     metric_rows: list[tuple[str, Any]],
     usage_prompt: str,
+    exports: list[dict[str, Any]] | None = None,
 ) -> Path:
     """README.md with Hub metadata (base_model, datasets, tags, license) and the run's facts."""
     from huggingface_hub import ModelCard, ModelCardData
+
+    from llm_finetune.exports.stage import markdown_table
 
     hub_base = (
         base_model if looks_like_hub_id(base_model) and not Path(base_model).exists() else None
@@ -150,6 +217,50 @@ def write_model_card(
         usage_prompt=repr(usage_prompt),
         training_rows=training_rows,
         metric_rows=metric_rows,
+        export_table=markdown_table(exports) if exports else "",
+    )
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
+
+
+def write_export_card(
+    folder: Path,
+    kind: str,
+    repo_id: str,
+    config: Config,
+    merged_repo_id: str,
+    rows: list[dict[str, Any]],
+) -> Path:
+    """README.md of an export's own repo: what the files are, and how each measured."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from llm_finetune.exports.formats import kind_of
+    from llm_finetune.exports.stage import markdown_table
+
+    mine = [r for r in rows if r["passed"] and kind_of(r["format"]) == kind]
+    what, how, usage = EXPORT_TEXTS[kind]
+    smallest = min(mine, key=lambda r: r["bytes"])["format"]
+    data = ModelCardData(
+        base_model=merged_repo_id,
+        license=config.publish.license,
+        tags=["llm-finetune", config.method, kind, *(["llama.cpp"] if kind == "gguf" else [])],
+        library_name=None if kind == "gguf" else "transformers",
+        pipeline_tag="text-generation",
+    )
+    card = ModelCard.from_template(
+        data,
+        template_str=EXPORT_CARD_TEMPLATE,
+        model_name=repo_id.split("/")[-1],
+        what=what,
+        how=how,
+        merged_repo_id=merged_repo_id,
+        merged_link=f"/{merged_repo_id}",
+        base_model_text=config.model.name,
+        method=config.method.upper(),
+        version=__version__,
+        export_table=markdown_table(mine),
+        usage=usage.format(repo_id=repo_id, tag=smallest.upper()),
     )
     path = Path(folder) / "README.md"
     card.save(path)

@@ -1,4 +1,4 @@
-"""`llm-finetune run|train|merge|verify|publish|validate|hub-server`.
+"""`llm-finetune run|train|merge|verify|export|publish|validate|hub-server`.
 
 Examples:
   llm-finetune validate configs/tiny-llama/sft.yaml
@@ -6,6 +6,8 @@ Examples:
   llm-finetune train configs/llama-3.1-8b/sft.yaml
   llm-finetune merge --base meta-llama/Llama-3.1-8B --adapter outputs/x/adapter --output merged
   llm-finetune verify --base meta-llama/Llama-3.1-8B --adapter outputs/x/adapter --merged merged
+  llm-finetune export configs/tiny-llama/sft.yaml export.formats=[q4_k_m,q6_k]
+  llm-finetune export --merged merged --format q4_k_m --data rows.jsonl --output out
   llm-finetune publish --folder merged --repo-id you/model
   llm-finetune hub-server --port 8765 --storage /tmp/hub
 """
@@ -153,6 +155,70 @@ def _merged_tokenizer(merged: str):
         ) from None
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Exports of a finished run (CONFIG) or of any merged folder (--merged), each checked."""
+    from llm_finetune.exports.stage import export_all, table
+
+    if (args.config is None) == (args.merged is None):
+        raise UserError("export: pass either a CONFIG of a finished run or --merged DIR")
+    if args.config is not None:
+        config = _load_checked(args)
+        merged, out, base = config.output_path / "merged", config.output_path, None
+        if not (merged / "config.json").is_file():
+            raise UserError(
+                f"{merged} holds no merged model: run `llm-finetune run {args.config}` first"
+            )
+        from llm_finetune.base_model import resolve_base
+
+        base = resolve_base(config.model)
+    else:
+        config, merged, out = _standalone_export_config(args), Path(args.merged), Path(args.output)
+        base = None
+    args.output_folder = out
+    from llm_finetune.exports.stage import toolchain_problems
+
+    if problems := toolchain_problems(config):
+        raise UserError(problems[0])
+    rows = export_all(config, base, merged, out, _merged_tokenizer(merged))
+    for line in table(rows):
+        print("  ".join(line))
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+def _standalone_export_config(args: argparse.Namespace):
+    """A config for `export --merged DIR`: the formats, and the rows the check runs on."""
+    from llm_finetune import inputs
+    from llm_finetune.config import Config
+    from llm_finetune.exports.formats import FP32, LORA
+
+    inputs.check_model_folder(args.merged, "--merged")
+    inputs.check_tokenizer(args.merged, "--merged")
+    if needs_adapter := [f for f in args.formats if f in (LORA, FP32)]:
+        raise UserError(
+            f"export --merged: {', '.join(needs_adapter)} are made from the base and the "
+            "adapter, not a merged folder: list them in the config's export.formats and run "
+            "`llm-finetune export CONFIG`"
+        )
+    from pydantic import ValidationError
+
+    from llm_finetune.config import format_validation_error
+
+    if not args.formats or not args.data or not args.output:
+        raise UserError("export --merged DIR needs --format (repeatable), --data and --output")
+    try:
+        return Config.model_validate(
+            {
+                "run_name": Path(args.merged).resolve().name,
+                "output_dir": args.output,
+                "model": {"name": str(Path(args.merged).resolve())},
+                "data": {"datasets": [{"path": args.data}], "format": args.data_format},
+                "export": {"formats": args.formats, "gguf_pre_tokenizer": args.gguf_pre_tokenizer},
+            }
+        )
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc).replace("config error", "export")) from None
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from llm_finetune.hub import preflight, require_token, resolve_endpoint, resolve_token
     from llm_finetune.inputs import check_publish_folder
@@ -247,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
         "whole model needs it runs one layer at a time",
     )
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "export", help="write GGUF / 4-bit / fp32 exports, each checked against the merge"
+    )
+    p.add_argument("config", nargs="?", help="the config of a finished run: its export.formats")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.set_defaults(overwrite=False)
+    p.add_argument("--merged", help="instead of a config: any merged model folder")
+    p.add_argument("--format", dest="formats", action="append", help="with --merged; repeatable")
+    p.add_argument("--data", help="with --merged: held-out rows to check on (file, Hub, builtin:)")
+    p.add_argument("--data-format", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--output", help="with --merged: the folder that gets exports/")
+    p.add_argument("--gguf-pre-tokenizer", help="llama.cpp's name for a local BPE pre-tokenizer")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("publish", help="upload a model (or adapter) folder in one commit")
     p.add_argument("--folder", required=True, help="a merged model folder, or a LoRA adapter")

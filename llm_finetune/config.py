@@ -15,6 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llm_finetune.errors import UserError
+from llm_finetune.exports.formats import (
+    FP32,
+    GGUF_TYPES,
+    MERGED_4BIT,
+    MERGED_16BIT,
+    unknown_format_error,
+)
 
 DEFAULT_VERIFY_PROMPT = "Write a paragraph to introduce supervised fine-tuning."
 
@@ -158,6 +165,60 @@ class PublishConfig(_Strict):
         return self
 
 
+class ExportLimits(_Strict):
+    """A format's own limits, replacing its defaults (exports/formats.py DEFAULT_LIMITS)."""
+
+    kl: float | None = Field(None, ge=0)
+    top1: float | None = Field(None, ge=0, le=1)
+    stops_at_eos: bool | None = None
+
+
+class ExportConfig(_Strict):
+    """Formats written beside merged/, each checked against the 16-bit merge before publishing."""
+
+    formats: list[str] = Field(default_factory=lambda: [MERGED_16BIT])
+    limits: dict[str, ExportLimits] = Field(default_factory=dict)
+    # The held-out rows every format is checked on, and how many tokens of each.
+    check_rows: int = Field(32, ge=1)
+    check_max_tokens: int = Field(256, ge=8)
+    # llama.cpp's name for the tokenizer's pre-tokenizer, needed only when its converter does
+    # not recognise a BPE tokenizer (one trained locally, like the demo's).
+    gguf_pre_tokenizer: str | None = None
+    # Where each kind is published when publish.enabled (default: publish.repo_id + suffix).
+    gguf_repo_id: str | None = None  # <repo_id>-GGUF
+    merged_4bit_repo_id: str | None = None  # <repo_id>-bnb-4bit
+    fp32_repo_id: str | None = None  # <repo_id>-fp32
+
+    @model_validator(mode="after")
+    def _known_formats(self) -> ExportConfig:
+        problems = [p for p in map(unknown_format_error, self.formats) if p]
+        if problems:
+            raise ValueError(problems[0])
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("export.formats lists a format twice")
+        for name in self.limits:
+            if name not in self.formats:
+                raise ValueError(
+                    f"export.limits.{name}: {name!r} is not in export.formats {self.formats}"
+                )
+        for key in ("gguf_repo_id", "merged_4bit_repo_id", "fp32_repo_id"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+                raise ValueError(f"export.{key} must look like 'namespace/name', got {value!r}")
+        if MERGED_16BIT not in self.formats:  # the verified merge everything is compared with
+            self.formats = [MERGED_16BIT, *self.formats]
+        return self
+
+    @property
+    def gguf_types(self) -> list[str]:
+        return [f for f in self.formats if f in GGUF_TYPES]
+
+    @property
+    def exported(self) -> bool:
+        """Whether there is more to write than the merge itself."""
+        return self.formats != [MERGED_16BIT]
+
+
 class Config(_Strict):
     run_name: str = Field(min_length=1, pattern=r"^[\w.-]+$")
     output_dir: str | None = None  # default: outputs/<run_name>
@@ -171,6 +232,7 @@ class Config(_Strict):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _method_matches_data(self) -> Config:
@@ -180,6 +242,19 @@ class Config(_Strict):
                 f"{'dpo' if self.method == 'dpo' else 'alpaca or chat'}, got {self.data.format!r}"
             )
         return self
+
+    def export_repos(self) -> dict[str, str]:
+        """Where each exported kind is published: its own key, else publish.repo_id + the
+        community's suffix (`-GGUF`, `-bnb-4bit`, `-fp32`). Empty when nothing is published."""
+        if not self.publish.enabled or self.publish.repo_id is None:
+            return {}
+        export, repo = self.export, self.publish.repo_id
+        wanted = {
+            "gguf": (bool(export.gguf_types), export.gguf_repo_id, "-GGUF"),
+            MERGED_4BIT: (MERGED_4BIT in export.formats, export.merged_4bit_repo_id, "-bnb-4bit"),
+            FP32: (FP32 in export.formats, export.fp32_repo_id, "-fp32"),
+        }
+        return {kind: given or repo + suffix for kind, (on, given, suffix) in wanted.items() if on}
 
     @property
     def output_path(self) -> Path:

@@ -195,9 +195,22 @@ def check_config_paths(config: Config) -> None:
         check_model_folder(config.model.name, "model.name")
 
 
+def check_gguf_files(folder: Path, what: str) -> None:
+    """Each *.gguf file starts as GGUF does (magic, version 2 or 3): a file cut short or
+    overwritten by something else is named before any request."""
+    for file in sorted(folder.glob("*.gguf")):
+        with file.open("rb") as stream:
+            head = stream.read(8)
+        if len(head) < 8 or head[:4] != b"GGUF" or int.from_bytes(head[4:], "little") not in (2, 3):
+            raise UserError(
+                f"{what}: {file.name} is not a GGUF file (damaged or truncated): export it again"
+            )
+
+
 def check_publish_folder(name: str) -> None:
-    """A folder to publish is a model folder or a LoRA adapter folder whose JSON files parse,
-    and its manifest, if any, lists files (which publish then checks byte for byte)."""
+    """A folder to publish is a model folder, a LoRA adapter folder whose JSON files parse, or
+    a folder of GGUF files, and its manifest, if any, lists files (which publish then checks
+    byte for byte)."""
     from llm_finetune.manifest import read_manifest
     from llm_finetune.publish import folder_kind
 
@@ -207,9 +220,11 @@ def check_publish_folder(name: str) -> None:
         check_json_files(folder, f"copy --folder {name!r} again, or train it again")
     elif (folder / "config.json").is_file():
         check_model_folder(name, "--folder")
+    elif folder_kind(folder) == "gguf":
+        check_gguf_files(folder, f"--folder {name!r}")
     else:
         raise UserError(
-            f"--folder {name!r} is neither a model folder (config.json) nor a LoRA adapter "
-            "folder (adapter_config.json): nothing to publish"
+            f"--folder {name!r} is neither a model folder (config.json), a LoRA adapter "
+            "folder (adapter_config.json) nor a folder of GGUF files: nothing to publish"
         )
     read_manifest(folder)  # a damaged manifest is one line before any request

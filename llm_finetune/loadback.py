@@ -1,4 +1,5 @@
-"""Download a published model by repo id and generate, as any user would: plain transformers.
+"""Download a published model by repo id and generate, as any user would: plain transformers
+(or llama.cpp, for a GGUF repo).
 
 It runs in a child process with a fresh cache (`HF_HOME`), so what it proves is what the Hub
 serves, not what this process still holds in memory. No peft is imported.
@@ -33,6 +34,19 @@ def generate_from_hub(
     return {"repo_id": repo_id, "revision": revision, "dtype": str(model.dtype), "generation": text}
 
 
+def generate_from_gguf_repo(
+    repo_id: str, file: str, revision: str, prompt: str, max_new_tokens: int
+) -> dict[str, Any]:
+    """In this process: download one GGUF file of a repo and generate in llama.cpp, greedily."""
+    from huggingface_hub import hf_hub_download
+    from llama_cpp import Llama
+
+    path = hf_hub_download(repo_id, file, revision=revision)
+    llm = Llama(model_path=path, n_ctx=512, verbose=False, seed=0)
+    output = llm(prompt, max_tokens=max_new_tokens, temperature=0.0)
+    return {"repo_id": repo_id, "file": file, "generation": output["choices"][0]["text"]}
+
+
 def load_back(
     repo_id: str,
     revision: str,
@@ -42,6 +56,23 @@ def load_back(
     max_new_tokens: int = 16,
 ) -> dict[str, Any]:
     """Run `generate_from_hub` in a child process against `endpoint`, with a fresh cache."""
+    return _in_child(["model", repo_id, revision, prompt, max_new_tokens], endpoint, token)
+
+
+def load_back_gguf(
+    repo_id: str,
+    file: str,
+    revision: str,
+    endpoint: str,
+    prompt: str,
+    token: str | None = None,
+    max_new_tokens: int = 16,
+) -> dict[str, Any]:
+    """Run `generate_from_gguf_repo` in a child process against `endpoint`, fresh cache."""
+    return _in_child(["gguf", repo_id, file, revision, prompt, max_new_tokens], endpoint, token)
+
+
+def _in_child(request: list[Any], endpoint: str, token: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="llm-finetune-loadback-") as cache:
         env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": cache}
         env.pop("HF_TOKEN", None)
@@ -49,19 +80,20 @@ def load_back(
             env["HF_TOKEN"] = token  # the child's environment only; never printed
         if is_loopback(endpoint):
             env.update(HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
-        request = json.dumps([repo_id, revision, prompt, max_new_tokens])
         child = subprocess.run(
-            [sys.executable, "-m", "llm_finetune.loadback", request],
+            [sys.executable, "-m", "llm_finetune.loadback", json.dumps(request)],
             env=env,
             capture_output=True,
             text=True,
         )
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"the published model did not load back from {endpoint}: {last}")
+        what = "GGUF file" if request[0] == "gguf" else "model"
+        raise UserError(f"the published {what} did not load back from {endpoint}: {last}")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
-    repo, rev, text, tokens = json.loads(sys.argv[1])
-    print(json.dumps(generate_from_hub(repo, rev, text, tokens)))
+    kind, *arguments = json.loads(sys.argv[1])
+    generate = generate_from_gguf_repo if kind == "gguf" else generate_from_hub
+    print(json.dumps(generate(*arguments)))

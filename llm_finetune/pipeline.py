@@ -24,6 +24,7 @@ from llm_finetune.distributed import (
     wait_for_main,
 )
 from llm_finetune.errors import UserError, exit_code_for, first_line
+from llm_finetune.exports.formats import LORA, is_gguf, kind_of
 from llm_finetune.manifest import source_commit, write_manifest
 from llm_finetune.preflight import PUSH_STAGING, Preflight, PublishTarget, preflight
 from llm_finetune.resume import merge_fingerprint, train_fingerprint
@@ -84,6 +85,9 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                 summary["verify"] = verify_stage(config, checks, clock, prompts, facts)
                 summary["verify_max_abs_logit_diff"] = summary["verify"]["max_abs_logit_diff"]
 
+            if config.export.exported:
+                summary["exports"] = export_stage(config, checks, clock, tokenizer)
+
             target = checks.publish
             if target is not None:
                 card_stage(config, checks, clock, summary, prompts[0], facts)
@@ -105,7 +109,7 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                         # after a backend's own push, our card replaces its generic one
                         config.publish.replace_readme or backend.pushes_merged(config),
                     )
-                    if config.publish.adapter_repo_id:
+                    if config.publish.adapter_repo_id and _passed(summary, LORA):
                         summary["published_adapter"] = upload(
                             config,
                             target,
@@ -114,8 +118,15 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                             f"{message}: LoRA adapter",
                             config.publish.replace_readme,
                         )
+                    summary["published_exports"] = publish_exports(
+                        config, target, summary.get("exports", []), message
+                    )
                 if config.publish.load_back:
                     summary["load_back"] = load_back_stage(config, target, clock, prompts[0])
+                    if "gguf" in summary["published_exports"]:
+                        summary["load_back_gguf"] = load_back_gguf_stage(
+                            config, target, clock, summary["exports"], prompts[0]
+                        )
             summary["status"] = "succeeded"
             return summary
     except BaseException as exc:
@@ -244,6 +255,10 @@ def merge_stage(
         merged = checks.backend.save_merged(
             model, tokenizer, checks.base, out / "adapter", out / "merged", config
         )
+        from llm_finetune.exports.prompt_format import write_prompt_format
+
+        for change in write_prompt_format(out / "merged", config.data.format):
+            log(f"    prompt format: {change}")
     facts = {"merge": merged}
     seal_merged(config, checks.base, facts)
     return facts
@@ -301,6 +316,27 @@ def verify_stage(
     return result
 
 
+def export_stage(
+    config: Config, checks: Preflight, clock: StageClock, tokenizer: Any
+) -> list[dict[str, Any]]:
+    """Every format of export.formats, written beside merged/ and checked against it."""
+    from llm_finetune.exports.stage import export_all
+
+    formats = ", ".join(config.export.formats)
+    with clock.stage("export", f"writing and checking {formats} against the 16-bit merge"):
+        out = config.output_path
+        rows = export_all(config, checks.base, out / "merged", out, tokenizer)
+    if rejected := [r["format"] for r in rows if not r["passed"]]:
+        names = ", ".join(rejected)
+        log(f"    warning: {names} failed the check: kept in exports/rejected/, not published")
+    return rows
+
+
+def _passed(summary: dict[str, Any], fmt: str) -> bool:
+    """Whether `fmt` passed its check; True for a format the run did not check."""
+    return all(row["passed"] for row in summary.get("exports", []) if row["format"] == fmt)
+
+
 def card_stage(
     config: Config,
     checks: Preflight,
@@ -328,6 +364,7 @@ def card_stage(
             training_rows=training_rows,
             metric_rows=metric_rows,
             usage_prompt=prompt,
+            exports=summary.get("exports"),
         )
         seal_merged(config, checks.base, facts)
 
@@ -404,6 +441,29 @@ def upload(
     return published.as_dict()
 
 
+def publish_exports(
+    config: Config, target: PublishTarget, rows: list[dict[str, Any]], message: str
+) -> dict[str, Any]:
+    """Each exported kind that passed its check to its own repo, with a card of its own (the
+    GGUF repo also with the Ollama files); a kind with nothing that passed is not published."""
+    from llm_finetune.card import write_export_card
+    from llm_finetune.exports.stage import publish_folder, seal_export
+    from llm_finetune.manifest import read_manifest
+
+    published = {}
+    for kind, repo_id in config.export_repos().items():
+        folder = publish_folder(config.output_path, kind)
+        if not any(r["passed"] and kind_of(r["format"]) == kind for r in rows):
+            log(f"    {kind}: nothing passed its check, {repo_id} is not published")
+            continue
+        write_export_card(folder, kind, repo_id, config, target.repo_id, rows)
+        seal_export(config.output_path, kind, read_manifest(folder)["inputs_fingerprint"], rows)
+        published[kind] = upload(
+            config, target, folder, repo_id, f"{message}: {kind}", config.publish.replace_readme
+        )
+    return published
+
+
 def load_back_stage(
     config: Config, target: PublishTarget, clock: StageClock, prompt: str
 ) -> dict[str, Any]:
@@ -420,4 +480,32 @@ def load_back_stage(
             max_new_tokens=config.verify.max_new_tokens,
         )
     log(f"    {target.repo_id} answers: {loaded['generation']!r}")
+    return loaded
+
+
+def load_back_gguf_stage(
+    config: Config,
+    target: PublishTarget,
+    clock: StageClock,
+    rows: list[dict[str, Any]],
+    prompt: str,
+) -> dict[str, Any]:
+    """The published GGUF repo's smallest file that passed, downloaded by repo id in a fresh
+    process and run in llama.cpp, answers as it did before publishing."""
+    from llm_finetune.loadback import load_back_gguf
+
+    repo_id = config.export_repos()["gguf"]
+    ggufs = [r for r in rows if r["passed"] and is_gguf(r["format"])]
+    file = Path(min(ggufs, key=lambda r: r["bytes"])["files"][0]).name
+    with clock.stage("load_back_gguf", f"{repo_id}:{file} in llama.cpp, in a fresh process"):
+        loaded = load_back_gguf(
+            repo_id,
+            file,
+            config.publish.revision,
+            target.endpoint,
+            prompt,
+            token=target.token if config.publish.private else None,
+            max_new_tokens=config.verify.max_new_tokens,
+        )
+    log(f"    {repo_id}:{file} answers: {loaded['generation']!r}")
     return loaded

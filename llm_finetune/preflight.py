@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from llm_finetune.base_model import BaseModel, BaseWeights, base_weights, resolve_base
 from llm_finetune.distributed import check_launch, is_main_process
 from llm_finetune.errors import UserError
+from llm_finetune.exports.stage import toolchain_problems
 from llm_finetune.runlog import log
 
 if TYPE_CHECKING:
@@ -85,7 +86,11 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         if removed := remove_leftovers(out):
             log(f"    {removed}")
         weights = base_weights(base)
-        log(f"    {check_disk(weights, out, config.merge.dtype, backend.merged_copies(config))}")
+        copies = backend.merged_copies(config)
+        formats = tuple(config.export.formats)
+        log(f"    {check_disk(weights, out, config.merge.dtype, copies, formats)}")
+        if problems := toolchain_problems(config):
+            raise UserError(problems[0])
         if config.verify.enabled:
             log(f"    {check_verify_memory(base, config, backend)}")
     if until == "publish" and config.publish.enabled:
@@ -108,12 +113,20 @@ def remove_leftovers(out: Path) -> str | None:
     return f"outputs: removed what a killed run left ({names}: {size / 1e9:.2f} GB)"
 
 
-def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str, copies: int = 1) -> str:
+def check_disk(
+    weights: BaseWeights | None,
+    out: Path,
+    merge_dtype: str,
+    copies: int = 1,
+    export_formats: tuple[str, ...] = (),
+) -> str:
     """Check before training that the merged model fits: the base's 16-bit size again,
-    `copies` times (a backend's push may write a second, temporary one), plus, for a Hub base
-    not cached yet, its download into the Hub cache (on the same disk or its own)."""
+    `copies` times (a backend's push may write a second, temporary one), the exports asked
+    for, plus, for a Hub base not cached yet, its download into the Hub cache (on the same
+    disk or its own)."""
     from huggingface_hub import constants
 
+    from llm_finetune.exports.stage import export_disk_need
     from llm_finetune.fsutil import check_free_disk, same_disk
 
     if weights is None:
@@ -121,6 +134,8 @@ def check_disk(weights: BaseWeights | None, out: Path, merge_dtype: str, copies:
     merged = weights.size * (2 if merge_dtype == "float32" else 1) * copies
     label = "the merged model" if copies == 1 else f"{copies} copies of the merged model"
     on_output_disk = {label: merged}
+    if exports := export_disk_need(export_formats, weights.size):
+        on_output_disk["the exports"] = exports
     if weights.to_download:
         cache = Path(constants.HF_HUB_CACHE) / "base"  # where the download's folder goes
         if same_disk(cache, out):
@@ -170,8 +185,9 @@ def check_publish_target(config: Config, stack: contextlib.ExitStack) -> Publish
         log(f"    local Hub server at {target.endpoint} (storage {target.local_storage})")
     private = config.publish.private
     checked = check_repo_access(target.repo_id, target.endpoint, target.token, private)
-    if config.publish.adapter_repo_id:
-        check_repo_access(config.publish.adapter_repo_id, target.endpoint, target.token, private)
+    for repo_id in [config.publish.adapter_repo_id, *config.export_repos().values()]:
+        if repo_id:
+            check_repo_access(repo_id, target.endpoint, target.token, private)
     state = "exists" if checked.repo_existed else "created"
     log(f"    publish: {checked.user} can write {target.repo_id} on {target.endpoint} ({state})")
     return target

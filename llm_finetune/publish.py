@@ -70,8 +70,13 @@ ARTEFACT_PATTERNS = (
 )
 # Never uploaded: the manifest holds local paths; these are local caches, as in upload_folder.
 SKIPPED_PREFIXES = (".git/", ".cache/huggingface/")
-FolderKind = Literal["model", "adapter"]
-REQUIRED_FILE: dict[str, str] = {"model": "config.json", "adapter": "adapter_config.json"}
+FolderKind = Literal["model", "adapter", "gguf"]
+REQUIRED_FILE: dict[str, str] = {
+    "model": "config.json",
+    "adapter": "adapter_config.json",
+    "gguf": "*.gguf",
+}
+KIND_NAMES = {"model": "a model folder", "adapter": "a LoRA adapter folder", "gguf": "GGUF files"}
 
 
 @dataclass
@@ -347,10 +352,14 @@ def _attempt(
 
 
 def folder_kind(folder: Path) -> FolderKind:
-    """An adapter folder has adapter_config.json and no config.json; anything else is a model."""
+    """An adapter folder has adapter_config.json and no config.json, a GGUF repo's folder
+    *.gguf files and no config.json; anything else is a model."""
     folder = Path(folder)
-    is_adapter = (folder / "adapter_config.json").is_file()
-    return "adapter" if is_adapter and not (folder / "config.json").is_file() else "model"
+    if (folder / "config.json").is_file():
+        return "model"
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    return "gguf" if any(folder.glob("*.gguf")) else "model"
 
 
 def publish(
@@ -367,8 +376,8 @@ def publish(
     retry: RetryPolicy | None = None,
     files: list[LocalFile] | None = None,
 ) -> PublishReport:
-    """Publish a model folder (config.json, weights, tokenizer) or a LoRA adapter folder
-    (adapter_config.json, weights) as one verified commit.
+    """Publish a model folder (config.json, weights, tokenizer), a LoRA adapter folder
+    (adapter_config.json, weights) or a folder of GGUF files as one verified commit.
 
     `kind`: what the folder must be; None takes it from the folder (see `folder_kind`). The
     folder's manifest, if any, is checked first; transient failures are retried per `retry`;
@@ -378,9 +387,10 @@ def publish(
     folder = Path(folder)
     kind = kind or folder_kind(folder)
     required = REQUIRED_FILE[kind]
-    if not (folder / required).is_file():
-        what = "a model folder" if kind == "model" else "a LoRA adapter folder"
-        raise UserError(f"{str(folder)!r} is not {what} (no {required}): nothing to publish")
+    if not any(path.is_file() for path in folder.glob(required)):
+        raise UserError(
+            f"{str(folder)!r} is not {KIND_NAMES[kind]} (no {required}): nothing to publish"
+        )
     token = require_token(token)
     if files is None:
         files = local_files(folder)  # the manifest check: before anything is sent

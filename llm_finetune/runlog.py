@@ -57,6 +57,17 @@ def print_table(summary: dict[str, Any]) -> None:
     for key in ("train_loss_first", "train_loss_last", "verify_max_abs_logit_diff"):
         if summary.get(key) is not None:
             log(f"{key}: {summary[key]:.6g}")
+    if summary.get("exports"):
+        from llm_finetune.exports.stage import table
+
+        columns = table(summary["exports"])
+        widths = [max(len(row[i]) for row in columns) for i in range(len(columns[0]))]
+        log("")
+        for row in columns:
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            log("  ".join(cells).rstrip())
     if summary.get("published"):
         p = summary["published"]
         log(f"published: {p['repo_id']} at {p['endpoint']} (commit {p['commit'][:12]})")
+    for kind, p in summary.get("published_exports", {}).items():
+        log(f"published {kind}: {p['repo_id']} (commit {p['commit'][:12]})")

@@ -101,12 +101,14 @@ def merged(tmp_path, saved_tokenizer) -> Path:
 
 
 def gguf_of(folder: Path) -> dict:
-    """The metadata llama.cpp's converter writes from `folder` (its own reader of the files)."""
-    gguf = pytest.importorskip("gguf")
+    """The metadata llama.cpp's converter writes from `folder` (its own reader of the files),
+    under the keys `gguf.gguf_metadata` gives them."""
+    import gguf
+
     vocab = gguf.SpecialVocab(folder, load_merges=False)
     return {
-        "tokenizer.chat_template": vocab.chat_template,
-        "tokenizer.ggml.eos_token_id": vocab.special_token_ids.get("eos"),
+        "chat_template": vocab.chat_template,
+        "eos_token_id": vocab.special_token_ids.get("eos"),
     }
 
 
@@ -224,7 +226,7 @@ def test_a_stale_template_in_tokenizer_config_is_removed(merged):
     (merged / "chat_template.json").write_text(json.dumps({"chat_template": CHATML}))
     (merged / "additional_chat_templates").mkdir()
     (merged / "additional_chat_templates" / "tool_use.jinja").write_text(CHATML)
-    assert gguf_of(merged)["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert gguf_of(merged)["chat_template"] == CHAT_TEMPLATE
 
     changes = write_prompt_format(merged, "alpaca")
 
@@ -233,9 +235,7 @@ def test_a_stale_template_in_tokenizer_config_is_removed(merged):
     assert json.loads(config_file.read_text())["eos_token"] == EOS  # the rest is kept
     assert not (merged / "chat_template.json").exists()
     assert not (merged / "additional_chat_templates").exists()
-    assert (
-        gguf_of(merged)["tokenizer.chat_template"] == (merged / "chat_template.jinja").read_text()
-    )
+    assert gguf_of(merged)["chat_template"] == (merged / "chat_template.jinja").read_text()
 
 
 def test_an_old_layout_chat_tokenizer_keeps_its_template_in_one_place(merged):

@@ -200,6 +200,10 @@ def test_the_folder_kind_is_read_from_its_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a model folder that also holds an adapter
     assert folder_kind(tmp_path) == "model"
     assert folder_kind(tmp_path / "empty") == "model"  # refused by publish: no config.json
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "m-Q4_K_M.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert folder_kind(gguf) == "gguf"
 
 
 def test_remote_differences_names_every_mismatch(tmp_path):

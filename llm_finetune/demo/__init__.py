@@ -1,9 +1,11 @@
 """The embedded demo: a tiny Llama and its tokenizer, built locally (no download) and cached.
 
 `builtin:tiny-llama` in a config resolves here. The tokenizer is a byte-level BPE trained on
-the bundled dataset (digits split one by one, so the number-to-words task is learnable by a
-tiny model), with BOS/EOS/PAD and a chat template; the model has random weights saved in
-bfloat16, the "16-bit base" that the demo merges into.
+the bundled dataset, with BOS/EOS/PAD and a chat template. Its pre-tokenizer is Qwen2's,
+regex for regex (digits split one by one, so the number-to-words task is learnable by a tiny
+model), so llama.cpp, told `qwen2`, tokenizes exactly as transformers does. The model has
+random weights saved in bfloat16, the "16-bit base" that the demo merges into; its matrices'
+rows are multiples of 256, so GGUF K-quants (q4_k_m, q6_k) really apply to them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from llm_finetune.data import ALPACA_TEMPLATE, BUILTIN_DIR
 
-TINY_LLAMA_VERSION = "tiny-llama-v1"
+TINY_LLAMA_VERSION = "tiny-llama-v2"
 BUILTIN_MODELS = ("tiny-llama",)
 
 CHAT_TEMPLATE = (
@@ -26,6 +28,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+# Qwen2's pre-tokenizer regex, as in its tokenizer.json (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GGUF_PRE_TOKENIZER = "qwen2"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -61,12 +69,15 @@ def _training_corpus() -> list[str]:
 
 def build_tokenizer():
     """A byte-level BPE tokenizer trained on the bundled dataset, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -93,16 +104,16 @@ def build_tokenizer():
 
 
 def build_tiny_llama(folder: Path, seed: int = 0) -> None:
-    """Write a ~1M-parameter Llama (bf16 safetensors), its tokenizer and generation config."""
+    """Write a ~2M-parameter Llama (bf16 safetensors), its tokenizer and generation config."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

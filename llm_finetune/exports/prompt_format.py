@@ -663,13 +663,11 @@ def shipped_by_folder(folder: Path) -> Shipped:
 
 
 def gguf_shipped(metadata: dict[str, Any]) -> Shipped:
-    """The GGUF's part, from its metadata (llama.cpp's keys `tokenizer.chat_template` and
+    """The GGUF's part, from `gguf.gguf_metadata` (llama.cpp's `tokenizer.chat_template` and
     `tokenizer.ggml.eos_token_id`)."""
     return Shipped(
-        chat_templates={
-            "the GGUF's tokenizer.chat_template": metadata.get("tokenizer.chat_template")
-        },
-        eos_ids={"the GGUF's eos_token_id": _ids(metadata.get("tokenizer.ggml.eos_token_id"))},
+        chat_templates={"the GGUF's tokenizer.chat_template": metadata.get("chat_template")},
+        eos_ids={"the GGUF's eos_token_id": _ids(metadata.get("eos_token_id"))},
     )
 
 
