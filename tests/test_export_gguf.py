@@ -131,7 +131,7 @@ def compare(runner, tiny) -> tuple[float, float, float]:
 
 
 @needs_toolchain
-def test_f16_runs_in_llama_cpp_as_in_transformers(tiny, f16_file):
+def test_f16_runs_in_llama_cpp_as_in_transformers(tiny, f16_file, capfd):
     meta = gguf.gguf_metadata(f16_file)
     tokenizer = tiny["tokenizer"]
     assert meta["architecture"] == "llama"
@@ -157,6 +157,7 @@ def test_f16_runs_in_llama_cpp_as_in_transformers(tiny, f16_file):
         assert runner.tokenize(text) == tokenizer(text)["input_ids"]
     finally:
         runner.close()
+    assert capfd.readouterr().err == ""  # llama.cpp's log kept off stderr
 
 
 @needs_toolchain
@@ -288,7 +289,7 @@ def test_a_failed_conversion_leaves_no_file_and_says_why(tiny, tmp_path):
 
 
 @needs_toolchain
-def test_a_failed_quantization_says_why_in_one_line(f16_file, tmp_path):
+def test_a_failed_quantization_or_load_says_why_in_one_line(f16_file, tmp_path):
     source = tmp_path / "not.gguf"
     source.write_bytes(b"not a gguf file")
     target = tmp_path / "model-Q4_K_M.gguf"
@@ -300,6 +301,8 @@ def test_a_failed_quantization_says_why_in_one_line(f16_file, tmp_path):
     with pytest.raises(UserError, match="has no quant type 'q9_z'"):
         gguf.quantize(f16_file, target, "q9_z")
     assert list(tmp_path.iterdir()) == [source]
+    with pytest.raises(UserError, match="not.gguf: llama.cpp cannot load it: invalid magic"):
+        gguf.LlamaCppRunner(source, n_ctx=64)
 
 
 def test_a_missing_toolchain_is_one_line_with_the_command_that_fixes_it(tmp_path, monkeypatch):

@@ -215,8 +215,8 @@ def quantize(source: Path, target: Path, gguf_type: str) -> None:
 
 
 class LlamaCppRunner:
-    """A GGUF file run in llama.cpp itself, on the CPU: the runtime users run it in. Greedy and
-    single-threaded-deterministic: the same ids give the same logits on every call."""
+    """A GGUF file run in llama.cpp itself, on the CPU: the runtime users run it in. Greedy,
+    with a fixed thread count: the same ids give the same logits on every call."""
 
     def __init__(self, file: Path, n_ctx: int) -> None:
         llama_cpp = _quiet_llama_cpp()
