@@ -3,7 +3,9 @@
 # virtualenv, for the GGUF exports (llm_finetune/exports/gguf.py):
 #   - llama-cpp-python (libllama: runs GGUF files, quantizes with llama_model_quantize). PyPI
 #     has it as an sdist only, so the first install on a machine compiles llama.cpp (~7.5 min
-#     on 2 cores); pip keeps the wheel it built in its cache and later installs reuse it.
+#     on 2 cores); pip keeps the wheel it built in its cache and later installs reuse it
+#     (~5 s). The build is for this machine's CPU (-march=native: AVX-512 here), so do not
+#     share that cache with machines of another CPU type (a CI cache restored elsewhere).
 #   - the converter of the SAME commit, taken from that sdist (vendor/llama.cpp):
 #     convert_hf_to_gguf.py, conversion/, gguf-py/ and LICENSE, under VENV/share/llama.cpp,
 #     and that gguf-py (gguf 0.19.0) installed into VENV. PyPI's `convert-hf-to-gguf` is not
