@@ -224,6 +224,8 @@ def test_the_declared_name_is_used_only_where_the_converter_would_stop():
 
 
 FAKE_CONVERTER = """
+    import os
+    import signal
     import sys
     from pathlib import Path
     from conversion.base import TextModel
@@ -231,6 +233,8 @@ FAKE_CONVERTER = """
     def main():
         outfile = Path(sys.argv[sys.argv.index("--outfile") + 1])
         outfile.write_text(TextModel().get_vocab_base_pre(None))
+        if "killed" in outfile.name:
+            os.kill(os.getpid(), signal.SIGKILL)
 """
 FAKE_BASE = """
     class TextModel:
@@ -239,10 +243,9 @@ FAKE_BASE = """
 """
 
 
-def test_a_recognised_tokenizer_keeps_its_name_and_a_contradicting_one_is_refused(
-    tmp_path, monkeypatch
-):
-    """Through the real wrapper and subprocess, with a converter that recognises the tokenizer."""
+@pytest.fixture
+def fake_converter(tmp_path, monkeypatch) -> Path:
+    """A converter that recognises the tokenizer as llama-bpe, run through the real wrapper."""
     converter = tmp_path / "llama.cpp"
     (converter / "conversion").mkdir(parents=True)
     (converter / "convert_hf_to_gguf.py").write_text(textwrap.dedent(FAKE_CONVERTER))
@@ -250,7 +253,12 @@ def test_a_recognised_tokenizer_keeps_its_name_and_a_contradicting_one_is_refuse
     (converter / "conversion" / "base.py").write_text(textwrap.dedent(FAKE_BASE))
     monkeypatch.setattr(gguf, "CONVERTER_DIR", converter)
     monkeypatch.setattr(gguf, "_check_pre_tokenizer_known", lambda file, name: None)
+    return converter
 
+
+def test_a_recognised_tokenizer_keeps_its_name_and_a_contradicting_one_is_refused(
+    fake_converter, tmp_path
+):
     kept = tmp_path / "kept.gguf"
     gguf.convert(tmp_path, kept, "f16")
     assert kept.read_text() == "llama-bpe"
@@ -261,6 +269,13 @@ def test_a_recognised_tokenizer_keeps_its_name_and_a_contradicting_one_is_refuse
     with pytest.raises(UserError, match="recognises .* as 'llama-bpe' but .* is 'qwen2'"):
         gguf.convert(tmp_path, refused, "f16", pre_tokenizer="qwen2")
     assert not refused.exists()
+
+
+def test_a_killed_converter_leaves_no_file_and_says_so(fake_converter, tmp_path):
+    target = tmp_path / "out" / "killed.gguf"
+    with pytest.raises(UserError, match="converter failed: killed by SIGKILL .out of memory"):
+        gguf.convert(tmp_path, target, "f16")
+    assert list(target.parent.iterdir()) == []
 
 
 @needs_toolchain

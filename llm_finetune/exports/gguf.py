@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -86,7 +87,10 @@ _ERROR_LINE = re.compile(r"^(ERROR:|[\w.]*(Error|Exception|Exit)\b)")
 
 def _last_error_line(stderr: str, returncode: int) -> str:
     """The converter's last error line: an uncaught exception's last line or its last ERROR
-    log line (progress bars and warnings come after them on stderr)."""
+    log line (progress bars and warnings come after them on stderr); or the signal that
+    killed it, most often the kernel's OOM killer."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name} (out of memory?)"
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
         if _ERROR_LINE.match(line):
