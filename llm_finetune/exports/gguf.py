@@ -229,7 +229,6 @@ class LlamaCppRunner:
             self._llama = llama_cpp.Llama(
                 model_path=str(file),
                 n_ctx=n_ctx,
-                n_batch=n_ctx,
                 n_gpu_layers=0,
                 logits_all=True,
                 seed=0,
