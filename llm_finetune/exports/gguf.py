@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.errors import UserError, first_line
+from llm_finetune.exports.convert_gguf import UNRECOGNISED, PreTokenizerMismatch
 from llm_finetune.exports.formats import CONVERTER_TYPES, GGUF_TYPES
 
 # Where the install script puts the converter of the installed llama-cpp-python's commit.
@@ -78,9 +79,9 @@ def _atomic_file(target: Path) -> Iterator[Path]:
 
 # --- conversion (llama.cpp's convert_hf_to_gguf.py) ---
 
-_UNRECOGNISED = re.compile(r"NotImplementedError: BPE pre-tokenizer was not recognized")
+_UNRECOGNISED = re.compile(re.escape(f"NotImplementedError: {UNRECOGNISED}"))
 _CHECK_HASH = re.compile(r"chkhsh:\s+([0-9a-f]{64})")
-_MISMATCH = re.compile(r"PreTokenizerMismatch: (.*)")
+_MISMATCH = re.compile(f"{PreTokenizerMismatch.__name__}: (.*)")
 _UNSUPPORTED = re.compile(r"Model (\S+) is not supported")
 _ERROR_LINE = re.compile(r"^(ERROR:|[\w.]*(Error|Exception|Exit)\b)")
 
