@@ -41,9 +41,11 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         "train",
         "merge",
         "verify",
+        "export",
         "model_card",
         "publish",
         "load_back",
+        "load_back_gguf",
     ]
     assert summary["train_loss_last"] < 0.2 * summary["train_loss_first"]
     assert summary["verify_max_abs_logit_diff"] <= summary["verify"]["tolerance"]
@@ -55,6 +57,20 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         published["files"]
     )
     assert summary["load_back"]["generation"].strip()
+    # Every format the demo asks for was written, checked and passed; the GGUF files went to
+    # their own repo, from which one was downloaded and run again in llama.cpp.
+    exports = {row["format"]: row for row in summary["exports"]}
+    assert list(exports) == ["merged_16bit", "lora", "q8_0", "q4_k_m"]
+    assert all(row["passed"] for row in exports.values()), exports
+    assert "Q4_K" in " ".join(exports["q4_k_m"]["notes"])  # K-quants really applied
+    gguf = summary["published_exports"]["gguf"]
+    assert gguf["repo_id"] == "demo/tiny-llama-number-words-GGUF"
+    assert {"tiny-demo-Q8_0.gguf", "tiny-demo-Q4_K_M.gguf", "Modelfile", "template"} <= set(
+        gguf["files"]
+    )
+    assert summary["load_back_gguf"]["file"] == "tiny-demo-Q4_K_M.gguf"
+    assert summary["load_back_gguf"]["generation"].strip()
+    assert "GGUF Q4_K_M" in done.stdout and "KL vs 16-bit" in done.stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "stage" in done.stdout and "total" in done.stdout
     # The generated in-memory token of the local server is written nowhere.

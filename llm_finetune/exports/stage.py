@@ -255,7 +255,7 @@ def _measured_row(
     files = [f for p in paths for f in _files(p)]
     return ExportResult(
         format=fmt,
-        files=[str(f.relative_to(out)) for f in files],
+        files=[_shown(f, out) for f in files],
         bytes=sum(f.stat().st_size for f in files),
         seconds=round(time.monotonic() - start, 2),
         measured=measured.as_dict(),
@@ -301,7 +301,7 @@ def _safetensors_export(
         st.write_merged_4bit(merged, folder, overwrite=True)
     row = _measured_row(fmt, [folder], out, ref, st.TransformersRunner(folder), config, start)
     if not row.passed:
-        row.files = [str(f.relative_to(out)) for f in _files(_reject(folder, out))]
+        row.files = [_shown(f, out) for f in _files(_reject(folder, out))]
     return row
 
 
@@ -340,7 +340,7 @@ def _gguf_exports(
         types = ", ".join(f"{k} {v}" for k, v in sorted(metadata["tensor_types"].items()))
         row.notes.append(f"tensor types: {types}")
         if not row.passed:
-            row.files = [str(_reject(target, out).relative_to(out))]
+            row.files = [_shown(_reject(target, out), out)]
         rows.append(row)
     if source_type not in config.export.gguf_types:
         source.unlink(missing_ok=True)
@@ -446,6 +446,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     header, *body = table(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _shown(file: Path, out: Path) -> str:
+    """A file as the table and summary name it: relative to the output folder when in it."""
+    return str(file.relative_to(out)) if file.is_relative_to(out) else str(file)
 
 
 def _files(path: Path) -> list[Path]:
