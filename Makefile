@@ -7,6 +7,13 @@ CLI := $(VENV)/bin/llm-finetune
 STAMP := $(VENV)/.installed
 UNSLOTH_STAMP := $(VENV)/.unsloth
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp
+# Not spelt $(MAKE) in a recipe: make would run that line even under `make -n`.
+SUBMAKE = $(MAKE)
+# Before a run: install what its exports need (llama.cpp for GGUF, bitsandbytes for 4-bit).
+define install_export_needs
+@needs="$$($(PY) -m llm_finetune.exports $(CONFIG) $(ARGS))" || exit $$?; \
+	if [ -n "$$needs" ]; then $(SUBMAKE) --no-print-directory $$needs; fi
+endef
 CONFIG ?= configs/tiny-llama/sft.yaml
 # CPU machines get the CPU build of torch; a GPU box (nvidia-smi present) keeps PyPI's CUDA build.
 CPU_TORCH ?= torch==2.13.0
@@ -26,7 +33,7 @@ RUN := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_pr
 	$(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) -m llm_finetune.cli
 endif
 
-.PHONY: setup setup-unsloth setup-gguf setup-export finetune-and-publish train merge verify publish test test-fast lint format bench clean
+.PHONY: setup setup-unsloth setup-gguf setup-export export finetune-and-publish train merge verify publish test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,8 +76,7 @@ setup-export: $(STAMP)
 ## The main job: train -> adapter -> 16-bit merge -> verify -> export -> publish
 ## (CONFIG=configs/<model>/<method>.yaml); first installs what the config's exports need.
 finetune-and-publish: $(STAMP)
-	@needs="$$($(PY) -m llm_finetune.exports $(CONFIG) $(ARGS))" || exit $$?; \
-		if [ -n "$$needs" ]; then $(MAKE) --no-print-directory $$needs; fi
+	$(install_export_needs)
 	$(RUN) run $(CONFIG) $(ARGS)
 
 train: $(STAMP)
@@ -82,6 +88,11 @@ merge: $(STAMP)
 
 verify: $(STAMP)
 	$(CLI) verify --base "$(BASE)" --adapter "$(ADAPTER)" --merged "$(MERGED)"
+
+## make export [CONFIG=...] [ARGS="export.formats=[q4_k_m,q6_k]"]: the exports of a finished run
+export: $(STAMP)
+	$(install_export_needs)
+	$(CLI) export $(CONFIG) $(ARGS)
 
 ## make publish FOLDER=<model folder> REPO_ID=<namespace/name>
 publish: $(STAMP)
