@@ -169,7 +169,7 @@ def export_all(
     tokens = sum(len(s) for s in held.sequences)
     log(f"    checked on {held.source}: {tokens} tokens, {len(held.prompts)} generation prompts")
     start = time.monotonic()
-    ref = reference(merged, held, folder / ".reference")
+    ref = reference(merged, held, folder / ".reference", device=_device())
     results = [_measured_row(MERGED_16BIT, [merged], out, ref, None, config, start)]
     log(_row_line(results[0]))
     for fmt in config.export.formats:
@@ -263,6 +263,14 @@ def _measured_row(
     )
 
 
+def _device() -> str:
+    """Where transformers runs the checks: the GPU that trained the model, when there is one
+    (GGUF files always run in llama.cpp on the CPU, as most of their users run them)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _reference_measured(ref: Any) -> Any:
     """The 16-bit merge's own row: the reference measured against itself, without a rerun."""
     from llm_finetune.exports.checks import Measured
@@ -293,13 +301,16 @@ def _safetensors_export(
     start = time.monotonic()
     folder = out / EXPORTS / fmt
     if fmt == LORA:
-        runner = st.TransformersRunner(base.path, adapter=out / "adapter", revision=base.revision)
+        runner = st.TransformersRunner(
+            base.path, adapter=out / "adapter", device=_device(), revision=base.revision
+        )
         return _measured_row(fmt, [out / "adapter"], out, ref, runner, config, start)
     if fmt == FP32:
         st.write_fp32(base.path, base.revision, out / "adapter", folder, overwrite=True)
     else:
-        st.write_merged_4bit(merged, folder, overwrite=True)
-    row = _measured_row(fmt, [folder], out, ref, st.TransformersRunner(folder), config, start)
+        st.write_merged_4bit(merged, folder, overwrite=True, device=_device())
+    runner = st.TransformersRunner(folder, device=_device())
+    row = _measured_row(fmt, [folder], out, ref, runner, config, start)
     if not row.passed:
         row.files = [_shown(f, out) for f in _files(_reject(folder, out))]
     return row
