@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import shlex
 import signal
@@ -399,6 +400,9 @@ def report_bug(exc: Exception, argv: list[str], folder: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     # Telemetry pings are not ours to send (HF_HUB_DISABLE_TELEMETRY=0 opts back in).
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # bitsandbytes on an AVX-512 CPU warns on import that an optional kernel package (fetched
+    # from the Hub) is missing; its own CPU code runs instead: not the user's concern.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if not is_main_process():  # one log for a multi-process run: quiet the libraries here
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
