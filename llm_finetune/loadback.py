@@ -54,22 +54,15 @@ def load_back(
     prompt: str,
     token: str | None = None,
     max_new_tokens: int = 16,
+    gguf_file: str | None = None,
 ) -> dict[str, Any]:
-    """Run `generate_from_hub` in a child process against `endpoint`, with a fresh cache."""
-    return _in_child(["model", repo_id, revision, prompt, max_new_tokens], endpoint, token)
-
-
-def load_back_gguf(
-    repo_id: str,
-    file: str,
-    revision: str,
-    endpoint: str,
-    prompt: str,
-    token: str | None = None,
-    max_new_tokens: int = 16,
-) -> dict[str, Any]:
-    """Run `generate_from_gguf_repo` in a child process against `endpoint`, fresh cache."""
-    return _in_child(["gguf", repo_id, file, revision, prompt, max_new_tokens], endpoint, token)
+    """Run `generate_from_hub` (or, for `gguf_file`, `generate_from_gguf_repo`) in a child
+    process against `endpoint`, with a fresh cache."""
+    if gguf_file is None:
+        request = ["model", repo_id, revision, prompt, max_new_tokens]
+    else:
+        request = ["gguf", repo_id, gguf_file, revision, prompt, max_new_tokens]
+    return _in_child(request, endpoint, token)
 
 
 def _in_child(request: list[Any], endpoint: str, token: str | None) -> dict[str, Any]:

@@ -122,10 +122,17 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                         config, target, summary.get("exports", []), message
                     )
                 if config.publish.load_back:
-                    summary["load_back"] = load_back_stage(config, target, clock, prompts[0])
+                    summary["load_back"] = load_back_stage(
+                        config, target, clock, prompts[0], target.repo_id
+                    )
                     if "gguf" in summary["published_exports"]:
-                        summary["load_back_gguf"] = load_back_gguf_stage(
-                            config, target, clock, summary["exports"], prompts[0]
+                        summary["load_back_gguf"] = load_back_stage(
+                            config,
+                            target,
+                            clock,
+                            prompts[0],
+                            config.export_repos()["gguf"],
+                            smallest_gguf(summary["exports"]),
                         )
             summary["status"] = "succeeded"
             return summary
@@ -465,47 +472,35 @@ def publish_exports(
 
 
 def load_back_stage(
-    config: Config, target: PublishTarget, clock: StageClock, prompt: str
-) -> dict[str, Any]:
-    """The published model, downloaded by repo id in a fresh process, answers a prompt."""
-    from llm_finetune.loadback import load_back
-
-    with clock.stage("load_back", f"from_pretrained({target.repo_id!r}) in a fresh process"):
-        loaded = load_back(
-            target.repo_id,
-            config.publish.revision,
-            target.endpoint,
-            prompt,
-            token=target.token if config.publish.private else None,
-            max_new_tokens=config.verify.max_new_tokens,
-        )
-    log(f"    {target.repo_id} answers: {loaded['generation']!r}")
-    return loaded
-
-
-def load_back_gguf_stage(
     config: Config,
     target: PublishTarget,
     clock: StageClock,
-    rows: list[dict[str, Any]],
     prompt: str,
+    repo_id: str,
+    gguf_file: str | None = None,
 ) -> dict[str, Any]:
-    """The published GGUF repo's smallest file that passed, downloaded by repo id in a fresh
-    process and run in llama.cpp, answers as it did before publishing."""
-    from llm_finetune.loadback import load_back_gguf
+    """The published model, downloaded by repo id in a fresh process, answers a prompt: with
+    plain transformers, or for `gguf_file` (a file of a GGUF repo) in llama.cpp."""
+    from llm_finetune.loadback import load_back
 
-    repo_id = config.export_repos()["gguf"]
-    ggufs = [r for r in rows if r["passed"] and is_gguf(r["format"])]
-    file = Path(min(ggufs, key=lambda r: r["bytes"])["files"][0]).name
-    with clock.stage("load_back_gguf", f"{repo_id}:{file} in llama.cpp, in a fresh process"):
-        loaded = load_back_gguf(
+    stage, how = ("load_back", f"from_pretrained({repo_id!r})")
+    if gguf_file is not None:
+        stage, how = ("load_back_gguf", f"{repo_id}:{gguf_file} in llama.cpp")
+    with clock.stage(stage, f"{how} in a fresh process"):
+        loaded = load_back(
             repo_id,
-            file,
             config.publish.revision,
             target.endpoint,
             prompt,
             token=target.token if config.publish.private else None,
             max_new_tokens=config.verify.max_new_tokens,
+            gguf_file=gguf_file,
         )
-    log(f"    {repo_id}:{file} answers: {loaded['generation']!r}")
+    log(f"    {repo_id}{f':{gguf_file}' if gguf_file else ''} answers: {loaded['generation']!r}")
     return loaded
+
+
+def smallest_gguf(rows: list[dict[str, Any]]) -> str:
+    """The name of the smallest GGUF file that passed its check: the one loaded back."""
+    ggufs = [r for r in rows if r["passed"] and is_gguf(r["format"])]
+    return Path(min(ggufs, key=lambda r: r["bytes"])["files"][0]).name

@@ -63,25 +63,12 @@ def tiny(tmp_path_factory) -> dict:
     """A 2-layer Llama, hidden 256, intermediate 768, saved in bf16 as a merge would be, whose
     greedy answer to PROMPT ends with EOS; and transformers' float32 results on it."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
-    from llm_finetune.demo import build_tokenizer
+    from llm_finetune.demo import build_tokenizer, tiny_llama_config
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
+    config = tiny_llama_config(tokenizer)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16).float().eval()
     # Swap the output rows of EOS and the fourth greedy token: the model now says EOS there.

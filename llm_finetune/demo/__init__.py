@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from llm_finetune.data import ALPACA_TEMPLATE, BUILTIN_DIR
 
@@ -103,13 +104,11 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> None:
-    """Write a ~2M-parameter Llama (bf16 safetensors), its tokenizer and generation config."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer: Any) -> Any:
+    """The demo's LlamaConfig: every matrix row a multiple of 256 (GGUF K-quant blocks)."""
+    from transformers import LlamaConfig
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=256,
         intermediate_size=768,
@@ -123,8 +122,16 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> None:
         tie_word_embeddings=False,
         initializer_range=0.1,
     )
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> None:
+    """Write a ~2M-parameter Llama (bf16 safetensors), its tokenizer and generation config."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer)).to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
