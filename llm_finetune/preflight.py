@@ -89,13 +89,31 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         copies = backend.merged_copies(config)
         formats = tuple(config.export.formats)
         log(f"    {check_disk(weights, out, config.merge.dtype, copies, formats)}")
-        if problems := toolchain_problems(config):
-            raise UserError(problems[0])
         if config.verify.enabled:
             log(f"    {check_verify_memory(base, config, backend)}")
+    if until == "publish" and config.export.exported:
+        log(f"    {check_export_tools(config, base)}")
     if until == "publish" and config.publish.enabled:
         report.publish = check_publish_target(config, stack)
     return report
+
+
+def check_export_tools(config: Config, base: BaseModel) -> str:
+    """What the exports need is installed, and llama.cpp's converter knows the model's
+    architecture: before training, not after it."""
+    if problems := toolchain_problems(config):
+        raise UserError(problems[0])
+    if config.export.gguf_types:
+        from transformers import AutoConfig
+
+        from llm_finetune.exports.gguf import architecture_problem
+
+        model = AutoConfig.from_pretrained(
+            base.path, revision=base.revision, trust_remote_code=config.model.trust_remote_code
+        )
+        if problem := architecture_problem(getattr(model, "architectures", None) or []):
+            raise UserError(problem)
+    return f"exports: {', '.join(config.export.formats)}: the tools they need are installed"
 
 
 def remove_leftovers(out: Path) -> str | None:

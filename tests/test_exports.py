@@ -258,3 +258,35 @@ def test_a_damaged_gguf_is_refused_before_publishing(tmp_path):
     done = cli("publish", "--folder", str(folder), "--repo-id", "me/m-GGUF", cwd=tmp_path)
     assert done.returncode == 2
     assert "m-Q4_K_M.gguf is not a GGUF file (damaged or truncated)" in done.stderr
+
+
+def test_an_architecture_the_converter_does_not_know_is_refused_before_training(
+    tmp_path, monkeypatch
+):
+    from llm_finetune.exports import gguf
+    from llm_finetune.pipeline import run
+
+    assert gguf.architecture_problem(["LlamaForCausalLM"]) is None
+    monkeypatch.setattr(gguf, "supported_architectures", lambda: {"MistralForCausalLM"})
+    config = tiny_config(tmp_path, export={"formats": ["q4_k_m"]})
+    with pytest.raises(UserError, match=r"does not support the model's architecture \(Llama"):
+        run(config)
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_failed_conversion_rejects_the_gguf_rows_and_keeps_the_rest(
+    finished_run, tmp_path, monkeypatch
+):
+    from llm_finetune.exports import gguf
+    from llm_finetune.exports.stage import table
+
+    def converter_fails(*args, **kwargs):
+        raise UserError("merged: llama.cpp's converter failed: KeyError: 'rope_theta'")
+
+    monkeypatch.setattr(gguf, "convert", converter_fails)
+    base, out = finished_run
+    rows = _export(_config(tmp_path, out, formats=["lora", "q8_0", "q4_k_m"]), base, out)
+    verdicts = {r["format"]: r["passed"] for r in rows}
+    assert verdicts == {"merged_16bit": True, "lora": True, "q8_0": False, "q4_k_m": False}
+    assert rows[-1]["problems"] == ["merged: llama.cpp's converter failed: KeyError: 'rope_theta'"]
+    assert table(rows)[-1][1:7] == ["-", "0.00 MB", "-", "-", "-", "-"]

@@ -118,6 +118,29 @@ def _conversion_error(merged: Path, stderr: str, returncode: int) -> str:
     return f"{merged}: llama.cpp's converter failed: {_last_error_line(stderr, returncode)}"
 
 
+def supported_architectures() -> set[str]:
+    """The transformers architectures llama.cpp's converter turns into GGUF: its own table
+    (`conversion/__init__.py` TEXT_MODEL_MAP), read as text, importing nothing."""
+    import ast
+
+    source = (CONVERTER_DIR / "conversion" / "__init__.py").read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP":
+            return set(ast.literal_eval(node.value))
+    raise RuntimeError(f"no TEXT_MODEL_MAP in {CONVERTER_DIR}/conversion/__init__.py")
+
+
+def architecture_problem(architectures: list[str]) -> str | None:
+    """One line when llama.cpp's converter cannot convert a model of `architectures`."""
+    if any(name in supported_architectures() for name in architectures):
+        return None
+    named = ", ".join(architectures) or "none named in its config.json"
+    return (
+        f"llama.cpp's converter does not support the model's architecture ({named}): "
+        "remove the GGUF types from export.formats"
+    )
+
+
 def convert(merged: Path, target: Path, outtype: str, pre_tokenizer: str | None = None) -> None:
     """Write the merged HF folder as a GGUF at `outtype` (f32/f16/bf16/q8_0) with llama.cpp's
     own converter. `pre_tokenizer` names the llama.cpp pre-tokenizer to record for a BPE

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_finetune.errors import UserError
 from llm_finetune.exports.formats import (
     CONVERTER_TYPES,
     DEFAULT_LIMITS,
@@ -330,7 +331,10 @@ def _gguf_exports(
     source_type = gguf_source_type(config.merge.dtype)
     source = folder / gguf_file_name(config.run_name, source_type)
     started = time.monotonic()
-    gguf.convert(merged, source, source_type, pre_tokenizer)
+    try:
+        gguf.convert(merged, source, source_type, pre_tokenizer)
+    except UserError as exc:  # the 16-bit model is kept and published all the same
+        return [ExportResult(t, [], 0, 0.0, problems=[str(exc)]) for t in config.export.gguf_types]
     convert_seconds = time.monotonic() - started
     shipped = _shipped_beside_gguf(config, merged, tokenizer, folder)
     held = ref.held_out
@@ -339,10 +343,14 @@ def _gguf_exports(
     for gguf_type in config.export.gguf_types:
         start = time.monotonic() - (convert_seconds if gguf_type == source_type else 0)
         target = folder / gguf_file_name(config.run_name, gguf_type)
-        if gguf_type in CONVERTER_TYPES and gguf_type != source_type:
-            gguf.convert(merged, target, gguf_type, pre_tokenizer)
-        elif gguf_type != source_type:
-            gguf.quantize(source, target, gguf_type)
+        try:
+            if gguf_type in CONVERTER_TYPES and gguf_type != source_type:
+                gguf.convert(merged, target, gguf_type, pre_tokenizer)
+            elif gguf_type != source_type:
+                gguf.quantize(source, target, gguf_type)
+        except UserError as exc:
+            rows.append(ExportResult(gguf_type, [], 0, 0.0, problems=[str(exc)]))
+            continue
         runner = gguf.LlamaCppRunner(target, n_ctx=n_ctx)
         problems = _tokenizer_problems(config, tokenizer, runner)
         row = _measured_row(gguf_type, [target], out, ref, runner, config, start)
@@ -438,15 +446,14 @@ def table(rows: list[dict[str, Any]]) -> list[list[str]]:
     lines = [TABLE_HEADER]
     for row in rows:
         m, files = row["measured"], row["files"]
+        measured = [f"{m['perplexity']:.4g}", f"{m['kl']:.3g}", f"{m['top1']:.1%}"] if m else []
         lines.append(
             [
                 display_name(row["format"]),
-                Path(files[0]).name if len(files) == 1 else f"{len(files)} files",
+                Path(files[0]).name if len(files) == 1 else f"{len(files)} files" if files else "-",
                 f"{row['bytes'] / 1e6:,.2f} MB",
-                f"{m['perplexity']:.4g}",
-                f"{m['kl']:.3g}",
-                f"{m['top1']:.1%}",
-                m["stops_at_eos"],
+                *(measured or ["-", "-", "-"]),
+                m.get("stops_at_eos", "-"),
                 "passed" if row["passed"] else "rejected: " + "; ".join(row["problems"]),
             ]
         )
@@ -480,10 +487,5 @@ def _reject(path: Path, out: Path) -> Path:
 
 
 def _row_line(row: ExportResult) -> str:
-    m = row.measured
-    verdict = "ok" if row.passed else "REJECTED: " + "; ".join(row.problems)
-    return (
-        f"    {display_name(row.format):<14} {row.bytes / 1e6:9.2f} MB  "
-        f"KL {m.get('kl', 0):.4g}  top-1 {m.get('top1', 1):.3f}  "
-        f"ppl {m.get('perplexity', float('nan')):.3f}  EOS {m.get('stops_at_eos', '-')}  {verdict}"
-    )
+    """A row of the table as the export finishes: format, file, size, numbers, verdict."""
+    return "    " + "  ".join(table([row.as_dict()])[1])
