@@ -94,9 +94,21 @@ def refused(
 # -- verify
 
 
-def write_adapter(folder: Path, r: int = 2, width: int = 128, layer: int = 0) -> Path:
-    """A small, well-formed LoRA adapter folder for the tiny base (untrained: these cases
-    never get as far as loading it); `r`, `width`, `layer` make one that does not fit."""
+def base_config(root: Path) -> dict[str, object]:
+    """The config.json of ./base under `root`: what an adapter or a merge must match."""
+    return json.loads((root / "base/config.json").read_text())
+
+
+def base_hidden(root: Path) -> int:
+    return int(base_config(root)["hidden_size"])
+
+
+def write_adapter(
+    folder: Path, hidden: int, r: int = 2, width: int | None = None, layer: int = 0
+) -> Path:
+    """A small, well-formed LoRA adapter folder for a base of hidden size `hidden` (untrained:
+    these cases never get as far as loading it); `r`, `width`, `layer` make one that does not
+    fit."""
     import torch
     from safetensors.torch import save_file
 
@@ -105,8 +117,8 @@ def write_adapter(folder: Path, r: int = 2, width: int = 128, layer: int = 0) ->
     (folder / "adapter_config.json").write_text(json.dumps(config))
     prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
     tensors = {
-        f"{prefix}.lora_A.weight": torch.zeros(2, width),
-        f"{prefix}.lora_B.weight": torch.zeros(128, 2),
+        f"{prefix}.lora_A.weight": torch.zeros(2, width or hidden),
+        f"{prefix}.lora_B.weight": torch.zeros(hidden, 2),
     }
     save_file(tensors, folder / "adapter_model.safetensors")
     return folder
@@ -117,7 +129,7 @@ def verify_inputs(tmp_path: Path, tiny_base: str) -> Path:
     """./base (the tiny base), ./merged (a copy of it: same architecture) and ./adapter."""
     shutil.copytree(tiny_base, tmp_path / "base")
     shutil.copytree(tiny_base, tmp_path / "merged")
-    write_adapter(tmp_path / "adapter")
+    write_adapter(tmp_path / "adapter", base_hidden(tmp_path))
     return tmp_path
 
 
@@ -145,9 +157,24 @@ def truncate(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
 
+def data_start(path: Path) -> int:
+    """Where a safetensors file's tensor data begins: after its 8-byte length and header."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def cut_in_header(path: Path) -> None:
+    truncate(path, data_start(path) * 3 // 4)
+
+
+def cut_in_data(path: Path) -> None:
+    """Cut inside the first tensor (the embedding or lm_head: hundreds of kB)."""
+    truncate(path, data_start(path) + 45_000)
+
+
 Damage = Callable[[Path], object]
 VERIFY_CASES: dict[str, tuple[Damage, dict[str, str], str]] = {
-    # case: (damage under the test folder, arguments replaced, the error line's pattern)
+    # case: (damage under the test folder, arguments replaced, the error line's pattern, in
+    # which {vocab_size} and {hidden_size} stand for the base's)
     "merged missing": (
         lambda r: None,
         {"--merged": "./missing"},
@@ -250,7 +277,7 @@ VERIFY_CASES: dict[str, tuple[Damage, dict[str, str], str]] = {
         r"model-00002-of-00002.safetensors, which is not there",
     ),
     "merged shard cut short": (
-        lambda r: truncate(r / "merged/model.safetensors", 3000),
+        lambda r: cut_in_header(r / "merged/model.safetensors"),
         {},
         r"merged/model.safetensors",
     ),
@@ -260,7 +287,7 @@ VERIFY_CASES: dict[str, tuple[Damage, dict[str, str], str]] = {
         r"merged/model.safetensors",
     ),
     "base shard cut short": (
-        lambda r: truncate(r / "base/model.safetensors", 50_000),
+        lambda r: cut_in_data(r / "base/model.safetensors"),
         {},
         r"base/model.safetensors",
     ),
@@ -268,7 +295,7 @@ VERIFY_CASES: dict[str, tuple[Damage, dict[str, str], str]] = {
         lambda r: edit_json(r / "merged/config.json", vocab_size=32000),
         {},
         r"--merged './merged' is not a merge of --base './base': its vocab_size is 32000, "
-        r"the base's is 423; pass the base the merged model was made from$",
+        r"the base's is {vocab_size}; pass the base the merged model was made from$",
     ),
     "merged of another architecture": (
         lambda r: edit_json(
@@ -280,7 +307,7 @@ VERIFY_CASES: dict[str, tuple[Damage, dict[str, str], str]] = {
     "merged of another width": (
         lambda r: edit_json(r / "merged/config.json", hidden_size=64),
         {},
-        r"its hidden_size is 64, the base's is 128",
+        r"its hidden_size is 64, the base's is {hidden_size}",
     ),
     "adapter without adapter_config.json": (
         lambda r: (r / "adapter/adapter_config.json").unlink(),
@@ -298,18 +325,18 @@ VERIFY_CASES: dict[str, tuple[Damage, dict[str, str], str]] = {
         r"--adapter './adapter' has no adapter_model.safetensors",
     ),
     "adapter of a wider base": (
-        lambda r: write_adapter(r / "adapter", width=256),
+        lambda r: write_adapter(r / "adapter", base_hidden(r), width=2 * base_hidden(r)),
         {},
         r"LoRA shape .* does not fit",
     ),
     "adapter of a deeper base": (
-        lambda r: write_adapter(r / "adapter", layer=30),
+        lambda r: write_adapter(r / "adapter", base_hidden(r), layer=30),
         {},
         r"1 adapter tensor\(s\) match no base tensor, .*: the adapter was trained on a "
         r"different base model; pass the base it was trained on$",
     ),
     "adapter config whose r disagrees with its tensors": (
-        lambda r: write_adapter(r / "adapter", r=8),
+        lambda r: write_adapter(r / "adapter", base_hidden(r), r=8),
         {},
         r"adapter/adapter_config.json",
     ),
@@ -356,6 +383,7 @@ def test_verify_refuses_damaged_inputs_in_one_line(
     case: str, verify_inputs: Path, capsys: pytest.CaptureFixture[str], _isolated: Path
 ) -> None:
     damage, replaced, pattern = VERIFY_CASES[case]
+    pattern = pattern.format_map(base_config(verify_inputs))
     damage(verify_inputs)
     options = {"--base": "./base", "--adapter": "./adapter", "--merged": "./merged", **replaced}
     argv = ["verify", *[part for option in options.items() for part in option]]
@@ -414,7 +442,8 @@ PUBLISH_FOLDER_CASES: dict[str, tuple[Damage, str, str]] = {
     "empty folder": (
         lambda r: (r / "empty").mkdir(),
         "empty",
-        r"--folder 'empty' is neither a model folder \(config.json\) nor a LoRA adapter folder",
+        r"--folder 'empty' is neither a model folder \(config.json\), a LoRA adapter folder "
+        r"\(adapter_config.json\) nor a folder of GGUF files: nothing to publish$",
     ),
     "config not JSON": (
         lambda r: (r / "model/config.json").write_text("<html>"),
@@ -452,12 +481,18 @@ PUBLISH_FOLDER_CASES: dict[str, tuple[Damage, str, str]] = {
         r"'model' changed since it was written \(model.safetensors\)",
     ),
     "adapter config not JSON": (
-        lambda r: write_adapter(r / "adapter").joinpath("adapter_config.json").write_text("{,}"),
+        lambda r: (
+            write_adapter(r / "adapter", hidden=16)
+            .joinpath("adapter_config.json")
+            .write_text("{,}")
+        ),
         "adapter",
         r"adapter/adapter_config.json' is not valid JSON",
     ),
     "adapter without weights": (
-        lambda r: write_adapter(r / "adapter").joinpath("adapter_model.safetensors").unlink(),
+        lambda r: (
+            write_adapter(r / "adapter", hidden=16).joinpath("adapter_model.safetensors").unlink()
+        ),
         "adapter",
         r"--folder 'adapter' has no adapter_model.safetensors",
     ),

@@ -28,15 +28,17 @@ RANK = 4
 
 @pytest.fixture(scope="module")
 def valid(tiny_base, tmp_path_factory) -> Path:
-    """A folder with `base` (the tiny base), `sharded` (the same base in 4+ shards) and
-    `adapter` (LoRA r=4 on q_proj and v_proj with random B, saved by peft)."""
+    """A folder with `base` (the tiny base), `sharded` (the same base in 4 to 9 shards: each
+    named model-0000N-of-0000M) and `adapter` (LoRA r=4 on q_proj and v_proj with random B,
+    saved by peft)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("valid")
     shutil.copytree(tiny_base, root / "base")
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
-    model.save_pretrained(root / "sharded", max_shard_size="400KB")
+    size = (root / "base" / "model.safetensors").stat().st_size
+    model.save_pretrained(root / "sharded", max_shard_size=size // 4)
     shutil.copy(root / "base" / "tokenizer.json", root / "sharded")
     peft_model = get_peft_model(
         model.float(), LoraConfig(r=RANK, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -96,6 +98,11 @@ def set_field(name: str, field: str, value) -> Callable[[dict], None]:
     return lambda header: header[name].__setitem__(field, value)
 
 
+def reshape(change: Callable[[list[int]], object]) -> Callable[[dict], None]:
+    """BASE_Q0's shape replaced by `change` of its true shape."""
+    return lambda header: header[BASE_Q0].__setitem__("shape", change(header[BASE_Q0]["shape"]))
+
+
 def truncate(path: Path, size: int) -> None:
     with open(path, "r+b") as f:
         f.truncate(size)
@@ -110,9 +117,12 @@ def duplicate_name(path: Path) -> None:
 
 
 def overlap(header: dict) -> None:
-    header["model.layers.0.self_attn.k_proj.weight"]["data_offsets"] = header[BASE_Q0][
-        "data_offsets"
-    ][:1] + [header[BASE_Q0]["data_offsets"][0] + 64 * 128 * 2]
+    """k_proj's bytes moved to where q_proj's begin (its size kept, so only the place is
+    wrong)."""
+    k_proj = header["model.layers.0.self_attn.k_proj.weight"]
+    begin, end = k_proj["data_offsets"]
+    q_begin = header[BASE_Q0]["data_offsets"][0]
+    k_proj["data_offsets"] = [q_begin, q_begin + end - begin]
 
 
 def dangling_link(path: Path) -> None:
@@ -134,7 +144,8 @@ BASE_CASES = [
     (
         "lfs-pointer",
         lambda b, a: (b / SHARD).write_text(
-            "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1697568\n"
+            "version https://git-lfs.github.com/spec/v1\noid sha256:abc\n"
+            f"size {(b / SHARD).stat().st_size}\n"
         ),
         "Git LFS pointer",
         SHARD,
@@ -168,13 +179,13 @@ BASE_CASES = [
     ),
     (
         "negative-shape",
-        lambda b, a: edit_header(b / SHARD, set_field(BASE_Q0, "shape", [-128, 128])),
+        lambda b, a: edit_header(b / SHARD, reshape(lambda shape: [-shape[0], shape[1]])),
         "not a list of sizes",
         SHARD,
     ),
     (
         "shape-a-string",
-        lambda b, a: edit_header(b / SHARD, set_field(BASE_Q0, "shape", "128x128")),
+        lambda b, a: edit_header(b / SHARD, reshape(lambda shape: "x".join(map(str, shape)))),
         "not a list of sizes",
         SHARD,
     ),
@@ -198,7 +209,7 @@ BASE_CASES = [
     ),
     (
         "size-not-shape",
-        lambda b, a: edit_header(b / SHARD, set_field(BASE_Q0, "shape", [128, 127])),
+        lambda b, a: edit_header(b / SHARD, reshape(lambda shape: [shape[0], shape[1] - 1])),
         "which is not the size of BF16",
         SHARD,
     ),
@@ -351,8 +362,15 @@ def edit_tensors(change: Callable[[dict], None]) -> Callable[[Path, Path], None]
     return damage
 
 
-def add_tensor(name: str, tensor: torch.Tensor) -> Callable[[Path, Path], None]:
-    return edit_tensors(lambda tensors: tensors.__setitem__(name, tensor))
+def add_tensor(name: str, shape: Callable[[dict], list[int]]) -> Callable[[Path, Path], None]:
+    """Adds a zero tensor named `name` of `shape` (of the base's config.json)."""
+
+    def damage(base: Path, adapter: Path) -> None:
+        config = json.loads((base / "config.json").read_text())
+        tensor = torch.zeros(shape(config))
+        edit_tensors(lambda tensors: tensors.__setitem__(name, tensor))(base, adapter)
+
+    return damage
 
 
 def drop_tensor(name: str) -> Callable[[Path, Path], None]:
@@ -477,7 +495,7 @@ ADAPTER_CASES = [
     ),
     (
         "lora-bias-without-lora-bias",
-        add_tensor(f"{Q0}.lora_B.bias", torch.zeros(128)),
+        add_tensor(f"{Q0}.lora_B.bias", lambda c: [c["hidden_size"]]),
         "lora_bias is not true but model.layers.0.self_attn.q_proj has a lora_B.bias",
         CONFIG,
     ),
@@ -495,26 +513,30 @@ ADAPTER_CASES = [
     ),
     (
         "ranks-of-A-and-B-differ",
-        add_tensor(f"{Q0}.lora_A.weight", torch.zeros(RANK - 1, 128)),
+        add_tensor(f"{Q0}.lora_A.weight", lambda c: [RANK - 1, c["hidden_size"]]),
         "has lora_A of rank 3 but lora_B of rank 4",
         WEIGHTS,
     ),
     (
         "a-1d-lora-A",
-        add_tensor(f"{Q0}.lora_A.weight", torch.zeros(RANK * 128)),
+        add_tensor(f"{Q0}.lora_A.weight", lambda c: [RANK * c["hidden_size"]]),
         "only Linear and Embedding LoRA (2-D weights) merge",
         WEIGHTS,
     ),
     ("no-lora-tensors", edit_tensors(keep_no_tensors), "holds no LoRA weights", WEIGHTS),
     (
         "whole-tensor-not-in-modules-to-save",
-        add_tensor("base_model.model.lm_head.weight", torch.zeros(423, 128)),
+        add_tensor(
+            "base_model.model.lm_head.weight", lambda c: [c["vocab_size"], c["hidden_size"]]
+        ),
         "lm_head.weight is a whole tensor that neither modules_to_save nor bias",
         WEIGHTS,
     ),
     (
         "a-tensor-peft-would-not-load",
-        add_tensor("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(RANK, 128)),
+        add_tensor(
+            "model.layers.0.self_attn.q_proj.lora_A.weight", lambda c: [RANK, c["hidden_size"]]
+        ),
         "is not named as peft saves adapters",
         WEIGHTS,
     ),
@@ -522,7 +544,7 @@ ADAPTER_CASES = [
         "dtype-torch-cannot-read",
         lambda b, a: edit_header(
             a / WEIGHTS,
-            lambda h: h[f"{Q0}.lora_A.weight"].update(dtype="U32", shape=[RANK, 128]),
+            set_field(f"{Q0}.lora_A.weight", "dtype", "U32"),  # F32's size: only the dtype
         ),
         "is stored as U32, which torch cannot read here",
         WEIGHTS,
