@@ -160,11 +160,14 @@ def test_train_command_stops_after_the_adapter(tmp_path):
 
 
 def test_too_little_disk_fails_in_preflight(tmp_path, monkeypatch):
-    """Checked before training: the numbers are in the message and nothing is trained."""
+    """Checked before training: the numbers are in the message and nothing is trained. The
+    need is the 16-bit merge (the base's size again) and the exports the demo asks for."""
     import shutil as shutil_module
 
     from llm_finetune.config import load_config
+    from llm_finetune.demo import resolve_builtin_model
     from llm_finetune.errors import UserError
+    from llm_finetune.exports.stage import export_disk_need
     from llm_finetune.pipeline import run
 
     monkeypatch.setattr(
@@ -172,7 +175,14 @@ def test_too_little_disk_fails_in_preflight(tmp_path, monkeypatch):
     )
     out = tmp_path / "out"
     config = load_config(DEMO, [f"output_dir={out}", "publish.enabled=false"])
-    with pytest.raises(UserError, match=r"not enough disk .* it needs 0\.00 GB, 0\.00 GB are free"):
+    base = resolve_builtin_model(config.model.name)
+    merged = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert config.export.formats  # else the message would name only the merged model
+    need = merged + export_disk_need(tuple(config.export.formats), merged)
+    pattern = (
+        rf"not enough disk for the merged model and the exports .* it needs {need / 1e9:.2f} GB"
+    )
+    with pytest.raises(UserError, match=pattern + r", 0\.00 GB are free"):
         run(config)
     summary = json.loads((out / "run-summary.json").read_text())
     assert (summary["status"], summary["failed_stage"]) == ("failed", "preflight")
