@@ -253,6 +253,14 @@ def test_who_exits_without_waiting(launch, env, exit_code):
     assert distributed.exit_after_main(exit_code, grace_s=600) == exit_code
 
 
+def _demo_lora_tensors() -> int:
+    """lora_A and lora_B of the 7 linear modules in each layer of the demo's base."""
+    from llm_finetune.demo import resolve_builtin_model
+
+    config = json.loads((resolve_builtin_model("builtin:tiny-llama") / "config.json").read_text())
+    return 2 * 7 * config["num_hidden_layers"]
+
+
 def _adapter_layout(out: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     header = read_header(out / "adapter" / "adapter_model.safetensors")
     return {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
@@ -300,7 +308,7 @@ def test_two_processes_train_one_complete_adapter_and_merge_once(tmp_path):
     assert "2 processes (DDP): training in all" in two.stdout
     layout = _adapter_layout(tmp_path / "two")
     assert layout == _adapter_layout(tmp_path / "one")
-    assert len(layout) == 2 * 4 * 7  # lora_A and lora_B of 7 modules in 4 layers
+    assert len(layout) == _demo_lora_tensors()
     assert all(len(shape) == 2 and min(shape) > 0 for _, shape in layout.values())
     summary = json.loads((tmp_path / "two" / "run-summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["verify"]["passed"]
@@ -332,7 +340,7 @@ def test_unsloth_ddp_and_a_failed_publish_end_every_process_with_exit_code_2(tmp
     summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
     assert summary["backend"]["name"] == "unsloth" and summary["train"]["engine"] == "ddp"
     assert summary["verify"]["passed"] and summary["failed_stage"] == "unsloth_push"
-    assert len(_adapter_layout(tmp_path / "out")) == 2 * 4 * 7
+    assert len(_adapter_layout(tmp_path / "out")) == _demo_lora_tensors()
     assert GOOD_TOKEN not in run.stdout + run.stderr
 
 

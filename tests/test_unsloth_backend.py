@@ -365,7 +365,8 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert summary["merge"]["stored_dtypes"] == ["bfloat16"]
     assert summary["verify"]["passed"]
     assert "in a fresh process: stock transformers and peft" in done.stdout
-    assert "disk: 2 copies of the merged model: about" in done.stdout  # Unsloth's push copy too
+    # Unsloth's push copy too, beside the exports the demo config asks for
+    assert "disk: 2 copies of the merged model and the exports: about" in done.stdout
     assert not (out / ".unsloth-push").exists()  # that copy's folder, removed
     # for_inference and a generation after training, then the save from the same model.
     sample = summary["sample_after_training"]
