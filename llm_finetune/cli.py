@@ -38,6 +38,7 @@ from llm_finetune.errors import (
     disk_full,
     first_line,
 )
+from llm_finetune.progress import quiet_library_bars
 
 PORT_ERRORS = {
     errno.EADDRINUSE: "--port {port} is in use on 127.0.0.1 (another hub-server?): stop what "
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_library_bars()  # none in a log file or CI; on a terminal, the libraries' own
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a scheduler's stop: same as Ctrl-C
     try:
