@@ -1,4 +1,4 @@
-"""`llm-finetune run|train|merge|verify|publish|validate|hub-server`.
+"""`llm-finetune run|train|merge|verify|publish|validate|runs|hub-server`.
 
 Examples:
   llm-finetune validate configs/tiny-llama/sft.yaml
@@ -8,6 +8,7 @@ Examples:
   llm-finetune verify --base meta-llama/Llama-3.1-8B --adapter outputs/x/adapter --merged merged
   llm-finetune publish --folder merged --repo-id you/model
   llm-finetune hub-server --port 8765 --storage /tmp/hub
+  llm-finetune runs outputs
 """
 
 from __future__ import annotations
@@ -181,6 +182,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from llm_finetune.runs import find_summaries, run_row, runs_table
+
+    folder = Path(args.folder).expanduser()
+    summaries = find_summaries(folder)
+    if not summaries:
+        print(f"no runs under {args.folder}: no run-summary.json in it or its subfolders")
+        return 0
+    print(runs_table([run_row(path, folder) for path in summaries]))
+    return 0
+
+
 def cmd_hub_server(args: argparse.Namespace) -> int:
     from llm_finetune.fsutil import check_output_folder
     from llm_finetune.hub_server import serve_forever
@@ -260,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--replace-readme", action="store_true", help="replace the repo's existing README.md"
     )
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("runs", help="a table of the runs under a folder, from their summaries")
+    p.add_argument("folder", nargs="?", default="outputs", help="default: outputs")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("hub-server", help="serve a local Hub-compatible endpoint (open, for tests)")
     p.add_argument("--port", type=int, default=8765)
