@@ -49,9 +49,10 @@ def check_trackers(config: Config) -> str:
     missing = [n for n in names if importlib.util.find_spec(PACKAGES[n][0]) is None]
     if missing:
         install = " ".join(PACKAGES[n][1] for n in missing)
+        verb, pronoun = ("is", "it") if len(missing) == 1 else ("are", "them")
         raise UserError(
-            f"training.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            f"not installed: pip install {install}, or remove it from training.report_to"
+            f"training.report_to: {', '.join(missing)} {verb} not installed: "
+            f"pip install {install}, or remove {pronoun} from training.report_to"
         )
     out = config.output_path
     for name in names:
@@ -71,13 +72,12 @@ def _check_wandb_credentials() -> None:
         return
     import wandb
 
-    try:  # the key from WANDB_API_KEY or `wandb login`; no request, no prompt
-        wandb.login(verify=False, prompt=False)
-    except wandb.errors.UsageError:
+    # False without a key in WANDB_API_KEY or from `wandb login`; no request, no prompt
+    if not wandb.login(verify=False, prompt=False):
         raise UserError(
             "training.report_to: wandb has no API key: set WANDB_API_KEY (or run `wandb login`), "
             "or WANDB_MODE=offline to log locally"
-        ) from None
+        )
 
 
 def _check_comet_credentials() -> None:
