@@ -250,7 +250,8 @@ def merge_stage(
     """Merge (or reuse a finished merge of this config); returns the merged folder's facts."""
     out = config.output_path
     if checks.reuse.merged is not None:
-        return {k: v for k, v in checks.reuse.merged.items() if k in ("merge", "verify")}
+        recorded = ("merge", "verify", "heldout")
+        return {k: v for k, v in checks.reuse.merged.items() if k in recorded}
     with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
         merged = checks.backend.save_merged(
             model, tokenizer, checks.base, out / "adapter", out / "merged", config
@@ -373,9 +374,8 @@ def card_stage(
     assert target is not None
     with clock.stage("model_card", "writing README.md"):
         training_rows, metric_rows = card_rows(config, checks.base, checks.backend.name, summary)
-        plot = config.output_path / PLOT_FILE
         if "plot" in summary:  # published beside the card, which shows it
-            shutil.copyfile(plot, config.output_path / "merged" / PLOT_FILE)
+            shutil.copyfile(summary["plot"], config.output_path / "merged" / PLOT_FILE)
         write_model_card(
             config.output_path / "merged",
             repo_id=target.repo_id,
