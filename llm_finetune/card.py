@@ -50,7 +50,7 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 {% if comparison %}
 ## Before and after
 
-The base model and this model on the same {{ comparison_rows }} held-out rows, which were not
+The base model and this model on the same {{ heldout_rows }} held-out rows, which were not
 trained on (mean next-token cross-entropy over every token, and its exponential):
 
 | | base model | this model |
@@ -188,7 +188,7 @@ def write_model_card(
         metric_rows=metric_rows,
         plot_file=plot_file,
         comparison=comparison_rows(heldout),
-        comparison_rows=(heldout or {}).get("rows"),
+        heldout_rows=(heldout or {}).get("rows"),
         comparison_worse=(heldout or {}).get("worse"),
     )
     path = Path(folder) / "README.md"
