@@ -47,6 +47,23 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 |---|---|
 {% for key, value in metric_rows %}| {{ key }} | {{ value }} |
 {% endfor %}
+{% if comparison %}
+## Before and after
+
+The base model and this model on the same {{ heldout_rows }} held-out rows, which were not
+trained on (mean next-token cross-entropy over every token, and its exponential):
+
+| | base model | this model |
+|---|---|---|
+{% for key, before, after in comparison %}| {{ key }} | {{ before }} | {{ after }} |
+{% endfor %}{% if comparison_worse %}
+**Warning:** fine-tuning made the held-out loss worse.
+{% endif %}{% endif %}
+{% if plot_file %}
+## Training curves
+
+![Train and eval loss against step, and the learning rate]({{ plot_file }})
+{% endif %}
 {% if export_table %}
 ## Exports, each checked against this model before publishing
 
@@ -163,6 +180,8 @@ def card_rows(
         ("train loss (first logged)", train.get("train_loss_first")),
         ("train loss (last logged)", train.get("train_loss_last")),
         ("eval loss", train.get("eval_loss")),
+        ("eval loss (best logged)", train.get("eval_loss_best")),
+        ("eval loss (best logged): step", train.get("eval_loss_best_step")),
         ("merge check: max abs logit diff vs base+adapter", verify.get("max_abs_logit_diff")),
         ("merge check: tolerance", verify.get("tolerance")),
         ("merge check: greedy generations agreeing", verify.get("generations_agree")),
@@ -171,6 +190,19 @@ def card_rows(
         ("merge check: seconds", verify.get("seconds")),
     ]
     return training, [(k, v) for k, v in metrics if v is not None]
+
+
+def comparison_rows(heldout: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """The before/after table from the summary's `heldout`: held-out loss and perplexity of
+    the base and of the merged model (none when the run measured none)."""
+    if not heldout or "merged" not in heldout:
+        return []
+    base, merged = heldout["base"], heldout["merged"]
+    return [
+        ("held-out loss", base["loss"], merged["loss"]),
+        ("held-out perplexity", base["perplexity"], merged["perplexity"]),
+        ("tokens", base["tokens"], merged["tokens"]),
+    ]
 
 
 def write_model_card(
@@ -186,9 +218,13 @@ def write_model_card(
     training_rows: list[tuple[str, Any]],
     metric_rows: list[tuple[str, Any]],
     usage_prompt: str,
+    plot_file: str | None = None,
+    heldout: dict[str, Any] | None = None,
     exports: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """README.md with Hub metadata (base_model, datasets, tags, license) and the run's facts."""
+    """README.md with Hub metadata (base_model, datasets, tags, license) and the run's facts;
+    `plot_file`: an image beside it that the card shows (the Hub renders it from the repo);
+    `heldout`: the summary's before/after measurement (see `comparison_rows`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from llm_finetune.exports.stage import markdown_table
@@ -217,6 +253,10 @@ def write_model_card(
         usage_prompt=repr(usage_prompt),
         training_rows=training_rows,
         metric_rows=metric_rows,
+        plot_file=plot_file,
+        comparison=comparison_rows(heldout),
+        heldout_rows=(heldout or {}).get("rows"),
+        comparison_worse=(heldout or {}).get("worse"),
         export_table=markdown_table(exports) if exports else "",
     )
     path = Path(folder) / "README.md"

@@ -1,4 +1,4 @@
-"""`llm-finetune run|train|merge|verify|export|publish|validate|hub-server`.
+"""`llm-finetune run|train|merge|verify|export|publish|validate|runs|hub-server`.
 
 Examples:
   llm-finetune validate configs/tiny-llama/sft.yaml
@@ -10,6 +10,7 @@ Examples:
   llm-finetune export --merged merged --format q4_k_m --data rows.jsonl --output out
   llm-finetune publish --folder merged --repo-id you/model
   llm-finetune hub-server --port 8765 --storage /tmp/hub
+  llm-finetune runs outputs
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from llm_finetune.errors import (
     disk_full,
     first_line,
 )
+from llm_finetune.progress import quiet_library_bars
 
 PORT_ERRORS = {
     errno.EADDRINUSE: "--port {port} is in use on 127.0.0.1 (another hub-server?): stop what "
@@ -247,6 +249,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from llm_finetune.runs import find_summaries, run_row, runs_table
+
+    folder = Path(args.folder).expanduser()
+    summaries = find_summaries(folder)
+    if not summaries:
+        print(f"no runs under {args.folder}: no run-summary.json in it or its subfolders")
+        return 0
+    print(runs_table([run_row(path, folder) for path in summaries]))
+    return 0
+
+
 def cmd_hub_server(args: argparse.Namespace) -> int:
     from llm_finetune.fsutil import check_output_folder
     from llm_finetune.hub_server import serve_forever
@@ -341,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_publish)
 
+    p = sub.add_parser("runs", help="a table of the runs under a folder, from their summaries")
+    p.add_argument("folder", nargs="?", default="outputs", help="default: outputs")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("hub-server", help="serve a local Hub-compatible endpoint (open, for tests)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--storage", required=True, help="folder where repos are stored")
@@ -407,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_library_bars()  # none in a log file or CI; on a terminal, the libraries' own
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a scheduler's stop: same as Ctrl-C
     try:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llm_finetune.errors import UserError
 from llm_finetune.exports.formats import (
@@ -32,6 +39,8 @@ class _Strict(BaseModel):
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Experiment trackers by trl/transformers' names (TrainingArguments.report_to).
+Tracker = Literal["tensorboard", "wandb", "comet_ml", "mlflow", "trackio", "none"]
 
 
 class ModelConfig(_Strict):
@@ -101,6 +110,22 @@ class TrainingConfig(_Strict):
     beta: PositiveFloat = 0.1
     max_length: int | None = Field(None, ge=8)
     max_prompt_length: int | None = Field(None, ge=1)
+    # Where the curves go: tensorboard writes into <output_dir>/tensorboard
+    report_to: list[Tracker] = Field(default_factory=lambda: ["tensorboard"], min_length=1)
+    eval_steps: int | None = Field(None, ge=1)  # with data.test_size > 0; None: logging_steps
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _none_is_alone(self) -> TrainingConfig:
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(
+                f"training.report_to: 'none' cannot be combined with trackers, got {self.report_to}"
+            )
+        return self
 
 
 class MergeConfig(_Strict):

@@ -355,12 +355,16 @@ def _check_shape(lora: LoraModule, base: Any, fan_in_fan_out: bool) -> None:
 def _write_shards(
     plan: Plan, staging: Path, dtype: str, fan_in_fan_out: bool, progress: Callable[[str], None]
 ) -> tuple[int, dict[str, str]]:
+    from llm_finetune.progress import progress_bar
     from llm_finetune.safetensors_stream import ShardWriter, open_for_reading, safetensors_code
 
     target_name = safetensors_code(dtype)
     weight_map: dict[str, str] = {}
     written = 0
     shard_names = list(plan.headers)
+    untied_head = plan.untie and HEAD not in plan.where  # one more tensor, in the last shard
+    tensors = sum(len(header.tensors) for header in plan.headers.values()) + int(untied_head)
+    bar = progress_bar(tensors, "merge", "tensor")
     for number, shard in enumerate(shard_names, 1):
         header = plan.headers[shard]
         names = list(header.tensors)
@@ -386,12 +390,15 @@ def _write_shards(
                     else:
                         writer.copy_raw(name, source, info)
                     weight_map[name] = shard
+                    bar.update()
         except BaseException:
             writer.abort()
+            bar.close()
             raise
         writer.close()
         written += (staging / shard).stat().st_size
         progress(f"    merged shard {number}/{len(shard_names)}: {shard}")
+    bar.close()
     return written, weight_map
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from llm_finetune.distributed import (
 from llm_finetune.errors import UserError, exit_code_for, first_line
 from llm_finetune.exports.formats import LORA, is_gguf, kind_of
 from llm_finetune.manifest import source_commit, write_manifest
+from llm_finetune.plots import PLOT_FILE, plot_training
 from llm_finetune.preflight import PUSH_STAGING, Preflight, PublishTarget, preflight
 from llm_finetune.resume import merge_fingerprint, train_fingerprint
 from llm_finetune.runlog import SUMMARY_FILE, StageClock, log, print_table, write_summary
@@ -84,6 +86,8 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             if config.verify.enabled:
                 summary["verify"] = verify_stage(config, checks, clock, prompts, facts)
                 summary["verify_max_abs_logit_diff"] = summary["verify"]["max_abs_logit_diff"]
+            if config.data.test_size > 0 and config.method == "sft":
+                summary["heldout"] = heldout_stage(config, checks, clock, facts)
 
             if config.export.exported:
                 summary["exports"] = export_stage(config, checks, clock, tokenizer)
@@ -227,6 +231,13 @@ def train_stage(
         "train_loss_last": result["train_loss_last"],
         "adapter_dir": result["adapter_dir"],
     }
+    if result.get("eval_loss") is not None:
+        facts["eval_loss_last"] = result["eval_loss"]
+        facts["eval_loss_best"] = result.get("eval_loss_best")
+    title = f"{config.run_name}: {config.method.upper()} of {config.model.name}"
+    if plot_training(result.get("history", []), out / PLOT_FILE, title) is not None:
+        facts["plot"] = str(out / PLOT_FILE)
+        log(f"    curves: {out / PLOT_FILE}")
     return model, tokenizer, facts
 
 
@@ -257,7 +268,8 @@ def merge_stage(
     """Merge (or reuse a finished merge of this config); returns the merged folder's facts."""
     out = config.output_path
     if checks.reuse.merged is not None:
-        return {k: v for k, v in checks.reuse.merged.items() if k in ("merge", "verify")}
+        recorded = ("merge", "verify", "heldout")
+        return {k: v for k, v in checks.reuse.merged.items() if k in recorded}
     with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
         merged = checks.backend.save_merged(
             model, tokenizer, checks.base, out / "adapter", out / "merged", config
@@ -344,6 +356,52 @@ def _passed(summary: dict[str, Any], fmt: str) -> bool:
     return all(row["passed"] for row in summary.get("exports", []) if row["format"] == fmt)
 
 
+def heldout_stage(
+    config: Config, checks: Preflight, clock: StageClock, facts: dict[str, Any]
+) -> dict[str, Any]:
+    """The held-out loss and perplexity of the base and of the merged model on the same rows
+    (or the reused merge's recorded ones). A fine-tune that made it worse is flagged; a
+    measurement that fails is a warning: the merge is verified and the adapter is kept."""
+    from llm_finetune.backends.hf import load_tokenizer
+    from llm_finetune.heldout import HELDOUT_ROWS, compare, heldout_loss
+
+    if "heldout" not in facts:
+        merged = config.output_path / "merged"
+        with clock.stage("heldout", "held-out loss of the base and the merged model"):
+            try:
+                tokenizer = load_tokenizer(str(merged))
+                test = format_dataset(checks.raw_data, config.data, tokenizer)["test"]
+                texts = test["text"][:HELDOUT_ROWS]
+                measure = dict(
+                    texts=texts, tokenizer=tokenizer, max_length=config.model.max_seq_length
+                )
+                before = heldout_loss(
+                    checks.base.path,
+                    revision=checks.base.revision,
+                    trust_remote_code=config.model.trust_remote_code,
+                    **measure,
+                )
+                after = heldout_loss(str(merged), **measure)
+            except Exception as exc:
+                log(f"    warning: the held-out loss could not be measured: {first_line(exc)}")
+                return {"error": first_line(exc)}
+        facts["heldout"] = compare(before, after)
+        seal_merged(config, checks.base, facts)
+    result = facts["heldout"]
+    base, merged_loss = result["base"], result["merged"]
+    log(
+        f"    held-out loss ({result['rows']} rows): base {base['loss']:.4g} "
+        f"(perplexity {base['perplexity']:.4g}) -> merged {merged_loss['loss']:.4g} "
+        f"(perplexity {merged_loss['perplexity']:.4g})"
+    )
+    if result["worse"]:
+        log(
+            "    warning: fine-tuning made the held-out loss worse; check the learning rate, "
+            "the steps and the data"
+        )
+    return result
+
+
 def card_stage(
     config: Config,
     checks: Preflight,
@@ -359,6 +417,8 @@ def card_stage(
     assert target is not None
     with clock.stage("model_card", "writing README.md"):
         training_rows, metric_rows = card_rows(config, checks.base, checks.backend.name, summary)
+        if "plot" in summary:  # published beside the card, which shows it
+            shutil.copyfile(summary["plot"], config.output_path / "merged" / PLOT_FILE)
         write_model_card(
             config.output_path / "merged",
             repo_id=target.repo_id,
@@ -372,6 +432,8 @@ def card_stage(
             metric_rows=metric_rows,
             usage_prompt=prompt,
             exports=summary.get("exports"),
+            plot_file=PLOT_FILE if "plot" in summary else None,
+            heldout=summary.get("heldout"),
         )
         seal_merged(config, checks.base, facts)
 

@@ -82,6 +82,10 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         log(f"    {launch}")
     if not is_main_process():
         return report
+    if reuse.adapter is None:  # trackers watch training
+        from llm_finetune.tracking import check_trackers
+
+        log(f"    {check_trackers(config)}")
     if until == "publish" and reuse.merged is None:
         if removed := remove_leftovers(out):
             log(f"    {removed}")

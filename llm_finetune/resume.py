@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from llm_finetune.base_model import BaseModel
 
 TRAIN_SECTIONS = ("method", "backend", "model", "lora", "data", "training")
+# Training keys that change what is watched, not the weights: a finished adapter stays reusable.
+WATCHING_KEYS = ("report_to", "eval_steps")
 CHECKPOINT_INPUTS = "llm-finetune-inputs.json"
 
 
@@ -29,6 +31,7 @@ def train_fingerprint(config: Config, base: BaseModel) -> str:
     """What the adapter depends on: the training sections and, for a Hub base, its commit."""
     data = config_to_dict(config)
     inputs = {key: data[key] for key in TRAIN_SECTIONS}
+    inputs["training"] = {k: v for k, v in data["training"].items() if k not in WATCHING_KEYS}
     if base.revision:
         inputs["base_revision"] = base.revision
     return fingerprint(inputs)

@@ -54,7 +54,13 @@ def print_table(summary: dict[str, Any]) -> None:
     for name, seconds in stages.items():
         log(f"{name.ljust(width)}  {seconds:8.1f}")
     log(f"{'total'.ljust(width)}  {sum(stages.values()):8.1f}")
-    for key in ("train_loss_first", "train_loss_last", "verify_max_abs_logit_diff"):
+    for key in (
+        "train_loss_first",
+        "train_loss_last",
+        "eval_loss_best",
+        "eval_loss_last",
+        "verify_max_abs_logit_diff",
+    ):
         if summary.get(key) is not None:
             log(f"{key}: {summary[key]:.6g}")
     if summary.get("exports"):
@@ -66,6 +72,17 @@ def print_table(summary: dict[str, Any]) -> None:
         for row in columns:
             cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
             log("  ".join(cells).rstrip())
+    heldout = summary.get("heldout") or {}
+    if "merged" in heldout:
+        base, merged = heldout["base"], heldout["merged"]
+        flag = "  (worse: see the warning above)" if heldout["worse"] else ""
+        log(
+            f"held-out loss / perplexity ({heldout['rows']} rows): base {base['loss']:.4g} / "
+            f"{base['perplexity']:.4g} -> merged {merged['loss']:.4g} / "
+            f"{merged['perplexity']:.4g}{flag}"
+        )
+    if summary.get("plot"):
+        log(f"curves: {summary['plot']}")
     if summary.get("published"):
         p = summary["published"]
         log(f"published: {p['repo_id']} at {p['endpoint']} (commit {p['commit'][:12]})")

@@ -43,6 +43,10 @@ class TrainResult:
     engine: str = "single"  # single, ddp, fsdp or deepspeed: what the trainer set up
     processes: int = 1
     losses: list[float] = field(default_factory=list)
+    eval_loss_best: float | None = None  # the lowest eval loss logged while training
+    eval_loss_best_step: int | None = None
+    # what was logged, by step: loss, eval_loss, learning_rate (the plots are drawn from it)
+    history: list[dict[str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +89,11 @@ def training_arguments(config: Config, checkpoints: Path) -> Any:
     process group and selects this process's GPU, which FSDP's CPU-efficient loading and
     ZeRO-3's partitioned loading need at load time.
     """
+    from llm_finetune.progress import bars_wanted
+    from llm_finetune.tracking import trackers
+
     t = config.training
+    evaluates = config.data.test_size > 0
     common: dict[str, Any] = {
         "output_dir": str(checkpoints),
         "learning_rate": t.learning_rate,
@@ -102,11 +110,14 @@ def training_arguments(config: Config, checkpoints: Path) -> Any:
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
         "gradient_checkpointing": t.gradient_checkpointing,
-        "eval_strategy": "no",
+        "eval_strategy": "steps" if evaluates else "no",
+        "eval_steps": (t.eval_steps or t.logging_steps) if evaluates else None,
         "save_strategy": "steps",
         "save_steps": t.save_steps,
         "save_total_limit": 2,
-        "report_to": "none",
+        "report_to": trackers(config),
+        "run_name": config.run_name,
+        "disable_tqdm": not bars_wanted(),
         "dataloader_pin_memory": False,
         "ddp_find_unused_parameters": False,  # LoRA: every adapter weight is used in forward
         **_precision_flags(config.model.dtype),
@@ -196,21 +207,34 @@ def train(
     (None in processes other than the main)."""
     import torch
 
+    from llm_finetune.tracking import attach as attach_trackers
+    from llm_finetune.tracking import clear_tensorboard
+
     start = time.perf_counter()
     checkpoints = Path(args.output_dir)
     trainer = build_trainer(config, args, model, tokenizer, splits)
     check_trainer_engine(trainer)
+    if resume_from is None and is_main_process():
+        clear_tensorboard(config)
+    attach_trackers(trainer, config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     output = trainer.train(resume_from_checkpoint=resume_from)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     eval_loss = None
     if "test" in splits:
-        eval_loss = _finite(trainer.evaluate().get("eval_loss"))
+        logged = [e for e in trainer.state.log_history if "eval_loss" in e]
+        if logged and logged[-1].get("step") == trainer.state.global_step:
+            eval_loss = _finite(logged[-1]["eval_loss"])  # evaluated at the last step already
+        else:
+            eval_loss = _finite(trainer.evaluate().get("eval_loss"))
     save_adapter(trainer, tokenizer, adapter_dir, checkpoints, config.overwrite)
     if not is_main_process():
         return None
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    history = logged_history(trainer.state.log_history)
+    evals = [(e["eval_loss"], e["step"]) for e in history if "eval_loss" in e]
+    best = min(evals) if evals else (None, None)
     seen = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
     runtime = (output.metrics or {}).get("train_runtime")
     tokens_seen = int(seen[-1]) if seen else None
@@ -234,4 +258,20 @@ def train(
         engine=trainer_engine(trainer),
         processes=world_size(),
         losses=[round(float(x), 5) for x in losses],
+        eval_loss_best=best[0],
+        eval_loss_best_step=best[1],
+        history=history,
     )
+
+
+HISTORY_KEYS = ("loss", "eval_loss", "learning_rate")
+
+
+def logged_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The trainer's log, by step, reduced to what the summary and the plots use."""
+    history = []
+    for entry in log_history:
+        kept = {k: round(v, 8) for k in HISTORY_KEYS if (v := _finite(entry.get(k))) is not None}
+        if kept and "step" in entry:
+            history.append({"step": int(entry["step"]), **kept})
+    return history

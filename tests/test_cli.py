@@ -23,6 +23,7 @@ SUBCOMMAND_OPTIONS: dict[str, list[str]] = {
         "--replace-readme",
     ],
     "hub-server": ["--port", "--storage"],
+    "runs": ["folder", "default: outputs"],
 }
 
 

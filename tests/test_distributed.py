@@ -305,6 +305,8 @@ def test_two_processes_train_one_complete_adapter_and_merge_once(tmp_path):
     other = [p for p in (tmp_path / "logs").rglob("*.log") if p.parent.name == "1"]
     assert len(other) == 2 and all(p.read_text().strip() == "" for p in other)  # no bars
     assert two.stdout.count("==> [merge]") == 1
+    assert two.stdout.count("    curves: ") == 1  # plotted once, by the main process
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert "2 processes (DDP): training in all" in two.stdout
     layout = _adapter_layout(tmp_path / "two")
     assert layout == _adapter_layout(tmp_path / "one")

@@ -41,6 +41,7 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         "train",
         "merge",
         "verify",
+        "heldout",
         "export",
         "model_card",
         "publish",
@@ -48,14 +49,42 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         "load_back_gguf",
     ]
     assert summary["train_loss_last"] < 0.2 * summary["train_loss_first"]
+    # Watched: TensorBoard's log, eval while training, the curves, base vs merged.
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    evals = [e["step"] for e in summary["train"]["history"] if "eval_loss" in e]
+    assert evals == [50, 100, 150, 200]
+    assert summary["eval_loss_best"] <= summary["eval_loss_last"] < 0.5
+    heldout = summary["heldout"]
+    assert heldout["rows"] == 40 and not heldout["worse"]
+    assert heldout["merged"]["loss"] < 0.2 * heldout["base"]["loss"]
+    assert heldout["merged"]["loss"] == pytest.approx(summary["eval_loss_last"], rel=0.05)
+    assert "held-out loss / perplexity (40 rows): base" in done.stdout
+    card = (out / "merged" / "README.md").read_text()
+    assert "](training-curves.png)" in card and "## Before and after" in card
+    assert (out / "merged" / "training-curves.png").read_bytes() == (
+        out / "training-curves.png"
+    ).read_bytes()
+    listed = cli("runs", str(tmp_path), cwd=tmp_path)
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines()[1].split()[:5] == [
+        "tiny-demo",
+        "out",
+        "succeeded",
+        "-",
+        "200",
+    ]
     assert summary["verify_max_abs_logit_diff"] <= summary["verify"]["tolerance"]
     published = summary["published"]
     assert published["repo_id"] == "demo/tiny-llama-number-words"
     assert published["endpoint"].startswith("http://127.0.0.1:")
     assert len(published["commit"]) == 40
-    assert {"README.md", "config.json", "model.safetensors", "generation_config.json"} <= set(
-        published["files"]
-    )
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "training-curves.png",
+    } <= set(published["files"])
     assert summary["load_back"]["generation"].strip()
     # Every format the demo asks for was written, checked and passed; the GGUF files went to
     # their own repo, from which one was downloaded and run again in llama.cpp.
@@ -131,6 +160,12 @@ def test_good_token_publishes_model_and_adapter_to_a_remote_endpoint(hub, tmp_pa
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(adapter["files"])
     assert GOOD_TOKEN not in done.stdout + done.stderr
     assert GOOD_TOKEN not in (out / "run-summary.json").read_text()
+    # The curves and the before/after table are published (hashes checked on the server)
+    # with the card that shows them.
+    assert {"README.md", "training-curves.png"} <= set(summary["published"]["files"])
+    card = (out / "merged" / "README.md").read_text()
+    assert "![Train and eval loss against step, and the learning rate](training-curves.png)" in card
+    assert "| held-out loss |" in card and summary["heldout"]["rows"] == 40
 
 
 def test_existing_outputs_are_refused_before_any_work(tmp_path):

@@ -59,11 +59,14 @@ def test_a_rerun_reuses_the_finished_adapter_merge_and_check(finished, tmp_path)
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     merged_before = {p.name: p.read_bytes() for p in (out / "merged").iterdir()}
-    done = run(out)
+    # What is watched (trackers, eval interval) is not what was trained: still reused.
+    done = run(out, "training.report_to=none", "training.eval_steps=3")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reusing the finished adapter and merged model" in done.stdout
     stages = summary(out)["stages"]
     assert "train" not in stages and "merge" not in stages and "verify" not in stages
+    assert "heldout" not in stages  # base vs merged: measured once, recorded in the manifest
+    assert summary(out)["heldout"] == summary(finished)["heldout"]
     assert summary(out)["train_loss_last"] == summary(finished)["train_loss_last"]
     assert {p.name: p.read_bytes() for p in (out / "merged").iterdir()} == merged_before
 

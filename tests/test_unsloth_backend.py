@@ -376,8 +376,10 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert sum("by Unsloth" in title for title in pushed_titles) >= 1
     published = summary["published"]
     assert "README.md" in published["files"] and not published["readme_kept"]
-    # Unsloth pushed the verified folder's bytes: our last commit changes only the card.
-    assert set(published["files"]) - set(published["unchanged"]) == {"README.md"}
+    # Unsloth pushed the verified folder's bytes: our last commit adds only the card and the
+    # curves it shows.
+    sent = set(published["files"]) - set(published["unchanged"])
+    assert sent == {"README.md", "training-curves.png"}
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert summary["load_back"]["generation"].strip()
 
