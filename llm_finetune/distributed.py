@@ -182,26 +182,25 @@ def announce_outcome(exit_code: int, acknowledgement_s: float = 60.0) -> None:
         store.wait(others, timedelta(seconds=acknowledgement_s))
 
 
-def wait_for_main(poll_s: float = 5.0) -> int:
+def wait_for_main(poll_s: float = 1.0) -> int:
     """Other processes: block until the main process announces its exit code, and return it.
 
-    Polls in short waits so that SIGTERM from the launcher (when the main process dies) is
-    handled promptly; a store that went away means the main process went with it."""
+    Polls (`check`, then a sleep: a timed-out `wait` logs a c10d warning every time, which
+    would fill this process's output for as long as the merge, checks and exports take), so
+    that SIGTERM from the launcher (when the main process dies) is handled promptly; a store
+    that went away means the main process went with it."""
     import torch.distributed as dist
-    from torch.distributed import DistNetworkError, DistStoreError
+    from torch.distributed import DistNetworkError
 
     if world_size() <= 1 or not dist.is_initialized():  # reused an adapter: nothing to wait for
         return 0
     store = _rendezvous_store()
     key = _outcome_key()
-    while True:
-        try:
-            store.wait([key], timedelta(seconds=poll_s))
-            break
-        except DistStoreError:  # not yet; a pending signal handler runs between the waits
-            continue
-        except DistNetworkError:
-            return 1
+    try:
+        while not store.check([key]):
+            time.sleep(poll_s)  # a pending signal handler runs here
+    except DistNetworkError:
+        return 1
     code = int(store.get(key))
     store.set(f"{key}/read/{int(os.environ.get('RANK', '0'))}", "1")
     return code

@@ -274,10 +274,12 @@ def merge_stage(
         merged = checks.backend.save_merged(
             model, tokenizer, checks.base, out / "adapter", out / "merged", config
         )
-        from llm_finetune.exports.prompt_format import write_prompt_format
+        from llm_finetune.exports.prompt_format import training_chat_template, write_prompt_format
 
         for change in write_prompt_format(out / "merged", config.data.format):
             log(f"    prompt format: {change}")
+        if tokenizer is not None:  # what a backend's own push saves: the same template
+            tokenizer.chat_template = training_chat_template(config.data.format, tokenizer)
     facts = {"merge": merged}
     seal_merged(config, checks.base, facts)
     return facts
