@@ -113,9 +113,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 ## make bench [ARGS=... for the merge bench] [VERIFY_ARGS=... for the verification bench]
-bench: $(STAMP)
+##            [EXPORT_ARGS=... for the export bench]
+bench: $(STAMP) $(LLAMA_CPP_STAMP)
 	$(PY) bench/merge_bench.py $(ARGS)
 	$(PY) bench/verify_bench.py $(VERIFY_ARGS)
+	$(PY) bench/export_bench.py $(EXPORT_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
