@@ -117,14 +117,16 @@ def export_disk_need(formats: tuple[str, ...], merged_bytes: int) -> int:
     return need
 
 
-def setup_targets(config: Config) -> list[str]:
-    """The Makefile targets that install what this config's exports need and is missing."""
-    targets = []
-    if config.export.gguf_types and _problem("gguf"):
-        targets.append("setup-gguf")
-    if MERGED_4BIT in config.export.formats and _problem("bitsandbytes"):
-        targets.append("setup-export")
-    return targets
+SETUP_TARGETS = {"gguf": "setup-gguf", "bitsandbytes": "setup-export"}  # Makefile targets
+
+
+def _tools(config: Config) -> list[str]:
+    """The tools the formats asked for need."""
+    wanted = {
+        "gguf": config.export.gguf_types,
+        "bitsandbytes": MERGED_4BIT in config.export.formats,
+    }
+    return [tool for tool, needed in wanted.items() if needed]
 
 
 def _problem(tool: str) -> str | None:
@@ -137,14 +139,15 @@ def _problem(tool: str) -> str | None:
     return bitsandbytes_problem()
 
 
+def setup_targets(config: Config) -> list[str]:
+    """The Makefile targets that install what this config's exports need and is missing."""
+    return [SETUP_TARGETS[tool] for tool in _tools(config) if _problem(tool)]
+
+
 def toolchain_problems(config: Config) -> list[str]:
     """Missing tools for the formats asked for, each one line with the command that fixes it:
     raised in the preflight, before training."""
-    wanted = {
-        "gguf": bool(config.export.gguf_types),
-        "bitsandbytes": MERGED_4BIT in config.export.formats,
-    }
-    return [problem for tool, on in wanted.items() if on and (problem := _problem(tool))]
+    return [problem for tool in _tools(config) if (problem := _problem(tool))]
 
 
 def export_all(
