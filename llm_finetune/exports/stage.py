@@ -202,13 +202,15 @@ def seal_export(out: Path, kind: str, inputs: str, rows: list[dict[str, Any]]) -
 
 
 def _inputs_fingerprint(config: Config, merged: Path) -> str:
-    """What the exports depend on: the merged files (its manifest's hashes, the card aside),
-    the export settings and the rows they are checked on."""
+    """What the exports depend on: the merged files that loaders read (its manifest's hashes;
+    not the card or its curves), the export settings and the rows they are checked on."""
+    from llm_finetune.publish import is_artefact
+
     manifest = read_manifest(merged)
     files = manifest["files"] if manifest else file_table(merged)
     return fingerprint(
         {
-            "merged": {name: f for name, f in files.items() if name != "README.md"},
+            "merged": {name: f for name, f in files.items() if is_artefact(name)},
             "export": config.export.model_dump(mode="json"),
             "data": config.data.model_dump(mode="json"),
             "prompts": [config.verify.prompts, config.verify.max_new_tokens],
