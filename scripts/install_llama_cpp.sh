@@ -9,7 +9,8 @@
 #   - the converter of the SAME commit, taken from that sdist (vendor/llama.cpp):
 #     convert_hf_to_gguf.py, conversion/, gguf-py/ and LICENSE, under VENV/share/llama.cpp,
 #     and that gguf-py (gguf 0.19.0) installed into VENV. PyPI's `convert-hf-to-gguf` is not
-#     used: it overwrites the gguf package's files with its own copy.
+#     used: it overwrites the gguf package's files with its own copy. And sentencepiece,
+#     which the converter imports.
 # Idempotent: what is already there is kept. Usage: scripts/install_llama_cpp.sh VENV
 set -euo pipefail
 
@@ -60,6 +61,12 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 
-"$python" -c "import llama_cpp, gguf" \
-    || fail "llama_cpp or gguf does not import in $venv after the install; see the error above"
+# The converter's own requirements beyond ours (requirements-convert_legacy_llama.txt).
+if ! "$python" -c "import sentencepiece" 2>/dev/null; then
+    "$python" -m pip install --quiet "sentencepiece>=0.1.98,<0.3.0" \
+        || fail "pip could not install sentencepiece, which llama.cpp's converter imports"
+fi
+
+"$python" -c "import llama_cpp, gguf, sentencepiece" \
+    || fail "llama_cpp, gguf or sentencepiece does not import in $venv after the install"
 echo "llama.cpp runtime and converter ready in $venv"

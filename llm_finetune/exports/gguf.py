@@ -42,10 +42,11 @@ def toolchain_problem() -> str | None:
     try:
         import gguf  # noqa: F401
         import llama_cpp
+        import sentencepiece  # noqa: F401  (the converter imports it)
     except Exception as exc:  # an ImportError, or an OSError from loading libllama
         return (
-            f"GGUF exports need llama-cpp-python and gguf-py, which do not import here "
-            f"({first_line(exc)}): run `{SETUP_COMMAND}`"
+            "GGUF exports need llama-cpp-python, gguf-py and sentencepiece, which do not import "
+            f"here ({first_line(exc)}): run `{SETUP_COMMAND}`"
         )
     if not (CONVERTER_DIR / "convert_hf_to_gguf.py").is_file():
         return (
