@@ -206,6 +206,8 @@ class ExportConfig(_Strict):
     # The held-out rows every format is checked on, and how many tokens of each.
     check_rows: int = Field(32, ge=1)
     check_max_tokens: int = Field(256, ge=8)
+    # Greedy generation per prompt, to see whether it stops where the 16-bit model stops.
+    check_max_new_tokens: int = Field(64, ge=1)
     # llama.cpp's name for the tokenizer's pre-tokenizer, needed only when its converter does
     # not recognise a BPE tokenizer (one trained locally, like the demo's).
     gguf_pre_tokenizer: str | None = None

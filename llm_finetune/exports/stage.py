@@ -9,6 +9,7 @@ of results goes to the run summary, the printed end of the run and the model car
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -170,6 +171,7 @@ def export_all(
     folder.mkdir(parents=True)
     export = config.export
     held = held_out(config, tokenizer, export.check_rows, export.check_max_tokens, merged)
+    held = dataclasses.replace(held, max_new_tokens=export.check_max_new_tokens)
     tokens = sum(len(s) for s in held.sequences)
     log(f"    checked on {held.source}: {tokens} tokens, {len(held.prompts)} generation prompts")
     start = time.monotonic()
