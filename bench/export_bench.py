@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from merge_bench import build_checkpoint, peak_rss_kb
+from merge_bench import bench_parser, build_checkpoint, peak_rss_kb
 
 GOAL = 1.1
 STEPS = ("bf16", "q4_k_m", "q8_0")
@@ -165,15 +165,7 @@ def difference(ours: Path, theirs: Path) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--work", default=os.environ.get("BENCH_DIR", "/tmp/llm-finetune-bench"))
-    parser.add_argument("--repeat", type=int, default=3, help="runs per step; best is kept")
-    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser = bench_parser(__doc__)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--merged", help=argparse.SUPPRESS)
     args = parser.parse_args()

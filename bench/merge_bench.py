@@ -143,16 +143,24 @@ def contender(name: str, base: Path, adapter: Path, out: Path) -> dict:
     return {"seconds": seconds, "peak_rss_mb": rss / 1024, "grown_mb": (rss - baseline) / 1024}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
+def bench_parser(description: str, layers: list[int] | int = 8) -> argparse.ArgumentParser:
+    """The options every benchmark shares: the synthetic model's shape, where it is cached,
+    how many interleaved runs (the best is kept), and the hidden --contender of a child run."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    many = isinstance(layers, list)
+    parser.add_argument("--layers", type=int, nargs="+" if many else None, default=layers)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--work", default=os.environ.get("BENCH_DIR", "/tmp/llm-finetune-bench"))
-    parser.add_argument("--repeat", type=int, default=3, help="runs per contender; best is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs; best is kept")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     work = Path(args.work)
     folder = work / f"llama-{args.layers}x{args.hidden}-r{args.rank}"

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from merge_bench import build_checkpoint, peak_rss_kb
+from merge_bench import bench_parser, build_checkpoint, peak_rss_kb
 
 GOALS = {"rss_vs_whole": 0.25, "time_vs_whole": 2.0}
 MODES = ("whole", "bounded")
@@ -88,16 +87,8 @@ def contender(mode: str, folder: Path, max_new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--rank", type=int, default=32)
+    parser = bench_parser(__doc__, layers=[8, 16])
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--work", default=os.environ.get("BENCH_DIR", "/tmp/llm-finetune-bench"))
-    parser.add_argument("--repeat", type=int, default=3, help="runs per mode; best is kept")
-    parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contender:
