@@ -239,7 +239,7 @@ def test_judge_names_each_limit_exceeded_with_the_numbers():
     assert judge(_numbers(kl=0.31, top1=0.5, eos_stops=2), limits) == [
         "KL 0.31 > limit 0.01",
         "top-1 agreement 0.500 < limit 0.95",
-        "greedy generation stops at EOS on 2/3 of the prompts the 16-bit model stops on",
+        "stops at EOS on 2/3 of the prompts the 16-bit model stops on (given its answer)",
     ]
     assert judge(_numbers(kl=math.nan), limits) == ["KL nan > limit 0.01"]
     assert _numbers().as_dict()["stops_at_eos"] == "3/3"

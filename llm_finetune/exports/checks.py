@@ -201,7 +201,7 @@ class Measured:
     perplexity: float  # the export's, on the sequences' next tokens
     reference_perplexity: float  # the 16-bit model's, on the same tokens
     max_abs_logit_diff: float
-    eos_stops: int  # prompts where the export's greedy generation stops at an EOS id ...
+    eos_stops: int  # prompts where the export ends the 16-bit model's answer with EOS ...
     eos_expected: int  # ... of those where the 16-bit model's does
     same_generations: int  # greedy generations identical to the 16-bit model's
     generations: int
@@ -222,6 +222,9 @@ class Measured:
 # a near-tie that rounding alone flips (e.g. the next digit of a number, all about equally
 # likely) is not a disagreement.
 TIE = 0.05
+
+# "Stops at EOS": the export's EOS logit at most this far below its top one (a ratio of 2).
+EOS_MARGIN = math.log(2)
 
 # Positions per step of the KL computation: ~16 M float32 per array, whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 24
@@ -261,7 +264,10 @@ def measure(reference: Reference, runner: Runner) -> Measured:
     eos = set(held.eos_ids)
     generations = [runner.generate(p, held.max_new_tokens) for p in held.prompts]
     expected = [bool(g) and g[-1] in eos for g in reference.generations]
-    stops = [bool(g) and g[-1] in eos for g in generations]
+    stops = [
+        stop and _stops_there(runner, prompt + answer[:-1], eos)
+        for prompt, answer, stop in zip(held.prompts, reference.generations, expected, strict=True)
+    ]
     return Measured(
         kl=kl_sum / max(1, positions),
         kl_max=kl_max,
@@ -280,6 +286,17 @@ def measure(reference: Reference, runner: Runner) -> Measured:
     )
 
 
+def _stops_there(runner: Runner, ids: list[int], eos: set[int]) -> bool:
+    """Whether the export, given the 16-bit model's own answer so far, ends it where that
+    model did: it rates an EOS id at least half as likely as its most likely token (a model
+    that lost its EOS rates it thousands of times lower). Fed the 16-bit answer rather than
+    its own, so that one near-tie early in a long answer cannot send it down another path
+    that merely ends elsewhere."""
+    logits = runner.logits(ids)[-1]
+    best_eos = max(float(logits[i]) for i in eos if i < len(logits))
+    return best_eos >= float(logits.max()) - EOS_MARGIN
+
+
 def judge(measured: Measured, limits: Limits) -> list[str]:
     """One short reason per limit exceeded, with the numbers; [] when within all of them.
     A NaN fails (an export that produces NaNs is broken)."""
@@ -290,8 +307,8 @@ def judge(measured: Measured, limits: Limits) -> list[str]:
         reasons.append(f"top-1 agreement {measured.top1:.3f} < limit {limits.top1:g}")
     if limits.stops_at_eos and measured.eos_stops < measured.eos_expected:
         reasons.append(
-            f"greedy generation stops at EOS on {measured.stops_at_eos} of the prompts the "
-            "16-bit model stops on"
+            f"stops at EOS on {measured.stops_at_eos} of the prompts the 16-bit model stops "
+            "on (given its answer)"
         )
     return reasons
 
