@@ -331,6 +331,7 @@ def _gguf_exports(
     each file run in llama.cpp itself for its check, its prompt format and stop tokens
     compared with training's, beside the Ollama files made for it."""
     from llm_finetune.exports import gguf
+    from llm_finetune.exports.prompt_format import training_text
 
     folder = out / EXPORTS / GGUF_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -344,6 +345,8 @@ def _gguf_exports(
         return [ExportResult(t, [], 0, 0.0, problems=[str(exc)]) for t in config.export.gguf_types]
     convert_seconds = time.monotonic() - started
     shipped = _shipped_beside_gguf(config, merged, tokenizer, folder)
+    samples = _training_rows(config, 8)  # read once for every file's checks below
+    texts = [training_text(config.data.format, row, tokenizer) for row in samples]
     held = ref.held_out
     n_ctx = max(len(s) for s in [*held.sequences, *held.prompts]) + held.max_new_tokens + 1
     rows = []
@@ -359,10 +362,12 @@ def _gguf_exports(
             rows.append(ExportResult(gguf_type, [], 0, 0.0, problems=[str(exc)]))
             continue
         runner = gguf.LlamaCppRunner(target, n_ctx=n_ctx)
-        problems = _tokenizer_problems(config, tokenizer, runner)
+        problems = _tokenizer_problems(texts, tokenizer, runner)
         row = _measured_row(gguf_type, [target], out, ref, runner, config, start)
         metadata = gguf.gguf_metadata(target)
-        row.problems += problems + _prompt_format_problems(config, tokenizer, shipped, metadata)
+        row.problems += problems + _prompt_format_problems(
+            config, samples[0], tokenizer, shipped, metadata
+        )
         types = ", ".join(f"{k} {v}" for k, v in sorted(metadata["tensor_types"].items()))
         row.notes.append(f"tensor types: {types}")
         if not row.passed:
@@ -400,24 +405,20 @@ def _shipped_beside_gguf(config: Config, merged: Path, tokenizer: Any, folder: P
 
 
 def _prompt_format_problems(
-    config: Config, tokenizer: Any, shipped: Any, metadata: dict[str, Any]
+    config: Config, row: dict[str, Any], tokenizer: Any, shipped: Any, metadata: dict[str, Any]
 ) -> list[str]:
     """The GGUF's chat template and EOS, the merged folder's and the Ollama files', each
-    against the text training made of a training row."""
+    against the text training made of `row`, a training row."""
     from llm_finetune.exports.prompt_format import gguf_shipped, prompt_format_problems
 
     everything = shipped.add(gguf_shipped(metadata))
-    row = _training_rows(config, 1)[0]
     return prompt_format_problems(config.data.format, row, tokenizer, everything)
 
 
-def _tokenizer_problems(config: Config, tokenizer: Any, runner: Any) -> list[str]:
-    """llama.cpp must split the training text into the ids transformers trained on: a wrong
+def _tokenizer_problems(texts: list[str], tokenizer: Any, runner: Any) -> list[str]:
+    """llama.cpp must split the training texts into the ids transformers trained on: a wrong
     pre-tokenizer (export.gguf_pre_tokenizer) shows here, not in the logits."""
-    from llm_finetune.exports.prompt_format import training_text
-
-    for row in _training_rows(config, 8):
-        text = training_text(config.data.format, row, tokenizer)
+    for text in texts:
         ours, theirs = tokenizer(text)["input_ids"], runner.tokenize(text)
         if ours != theirs:
             pairs = zip(ours, theirs, strict=False)
