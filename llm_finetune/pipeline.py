@@ -25,7 +25,7 @@ from llm_finetune.distributed import (
     wait_for_main,
 )
 from llm_finetune.errors import UserError, exit_code_for, first_line
-from llm_finetune.exports.formats import LORA, is_gguf, kind_of
+from llm_finetune.exports.formats import LORA, display_name, is_gguf, kind_of
 from llm_finetune.manifest import source_commit, write_manifest
 from llm_finetune.plots import PLOT_FILE, plot_training
 from llm_finetune.preflight import PUSH_STAGING, Preflight, PublishTarget, preflight
@@ -347,9 +347,10 @@ def export_stage(
     with clock.stage("export", f"writing and checking {formats} against the 16-bit merge"):
         out = config.output_path
         rows = export_all(config, checks.base, out / "merged", out, tokenizer)
-    if rejected := [r["format"] for r in rows if not r["passed"]]:
-        names = ", ".join(rejected)
-        log(f"    warning: {names} failed the check: kept in exports/rejected/, not published")
+    for row in rows:
+        if not row["passed"]:
+            why = "; ".join(row["problems"])
+            log(f"    {display_name(row['format'])} REJECTED: {why} (not published)")
     return rows
 
 

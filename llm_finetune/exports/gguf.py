@@ -3,14 +3,16 @@
 and its runtime (llama-cpp-python), all of one llama.cpp commit, installed by
 `scripts/install_llama_cpp.sh` (`make setup-gguf`).
 
-llama-cpp-python, numpy and gguf-py are imported inside the functions: the preflight imports
-this module on machines where GGUF is not asked for.
+llama.cpp's native code never runs in our process (`llama_child.py`): a crash in it rejects
+one file, not the run. gguf-py and numpy are imported inside the functions: the preflight
+imports this module on machines where GGUF is not asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import re
 import signal
@@ -22,9 +24,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.errors import UserError, first_line
+from llm_finetune.errors import UserError
 from llm_finetune.exports.convert_gguf import UNRECOGNISED, PreTokenizerMismatch
 from llm_finetune.exports.formats import CONVERTER_TYPES, GGUF_TYPES
+from llm_finetune.exports.llama_child import (
+    TIMEOUT_ENV,
+    LlamaCppChild,
+    LlamaCppFailed,
+    LlamaCppRefused,
+    timeout_for,
+)
 
 # Where the install script puts the converter of the installed llama-cpp-python's commit.
 CONVERTER_DIR = Path(sys.prefix) / "share" / "llama.cpp"
@@ -38,25 +47,25 @@ def _converter_stamp(version: str) -> Path:
 
 def toolchain_problem() -> str | None:
     """None when llama.cpp's runtime, quantizer and converter are all installed, of one commit;
-    else one line saying what is missing and the command that installs it."""
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp
-        import sentencepiece  # noqa: F401  (the converter imports it)
-    except Exception as exc:  # an ImportError, or an OSError from loading libllama
+    else one line saying what is missing and the command that installs it. Nothing is
+    imported: libllama is loaded only in child processes (and by `selftest` before training)."""
+    needed = ("llama_cpp", "gguf", "sentencepiece")
+    missing = [name for name in needed if not importlib.util.find_spec(name)]
+    if missing:
         return (
-            "GGUF exports need llama-cpp-python, gguf-py and sentencepiece, which do not import "
-            f"here ({first_line(exc)}): run `{SETUP_COMMAND}`"
+            f"GGUF exports need llama-cpp-python, gguf-py and sentencepiece ({', '.join(missing)} "
+            f"not installed here): run `{SETUP_COMMAND}`"
         )
     if not (CONVERTER_DIR / "convert_hf_to_gguf.py").is_file():
         return (
             f"GGUF exports need llama.cpp's converter, not found in {CONVERTER_DIR}: "
             f"run `{SETUP_COMMAND}`"
         )
-    if not _converter_stamp(llama_cpp.__version__).is_file():
+    version = importlib.metadata.version("llama_cpp_python")
+    if not _converter_stamp(version).is_file():
         return (
             f"llama.cpp's converter in {CONVERTER_DIR} is not the one of the installed "
-            f"llama-cpp-python {llama_cpp.__version__}: run `{SETUP_COMMAND}`"
+            f"llama-cpp-python {version}: run `{SETUP_COMMAND}`"
         )
     return None
 
@@ -162,7 +171,16 @@ def convert(merged: Path, target: Path, outtype: str, pre_tokenizer: str | None 
             outtype,
         ]
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        timeout = timeout_for(sum(f.stat().st_size for f in merged.glob("*.safetensors")))
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=env, check=False, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise UserError(
+                f"{merged}: llama.cpp's converter did not finish in {timeout:.0f} s: stopped it "
+                f"(a slower machine may set {TIMEOUT_ENV})"
+            ) from None
         if done.returncode != 0:
             raise UserError(_conversion_error(merged, done.stderr, done.returncode))
         if pre_tokenizer:
@@ -171,51 +189,18 @@ def convert(merged: Path, target: Path, outtype: str, pre_tokenizer: str | None 
 
 def _check_pre_tokenizer_known(file: Path, pre_tokenizer: str) -> None:
     """A declared name is written as it is; only llama.cpp's loader knows the valid ones."""
-    llama_cpp = _quiet_llama_cpp()
-    try:
-        llama_cpp.Llama(model_path=str(file), vocab_only=True, verbose=False).close()
-    except ValueError:
-        raise UserError(
-            f"export.gguf_pre_tokenizer: llama.cpp cannot load a tokenizer with pre-tokenizer "
-            f"{pre_tokenizer!r} ({_first_llama_error() or 'no reason given'}): use one of the "
-            f"names llama.cpp's src/llama-vocab.cpp knows (e.g. qwen2, llama-bpe, gpt-2)"
-        ) from None
+    with LlamaCppChild(file) as child:
+        try:
+            child.call("load", str(file), 512, True)
+        except LlamaCppRefused as refused:
+            raise UserError(
+                f"export.gguf_pre_tokenizer: llama.cpp cannot load a tokenizer with "
+                f"pre-tokenizer {pre_tokenizer!r} ({refused}): use one of the names llama.cpp's "
+                f"src/llama-vocab.cpp knows (e.g. qwen2, llama-bpe, gpt-2)"
+            ) from None
 
 
-# --- llama.cpp's log, quantizer and runtime (llama-cpp-python) ---
-
-_llama_errors: list[str] = []
-_log_callback: Any = None  # kept referenced: libllama calls it for the life of the process
-
-_GGML_LOG_LEVEL_ERROR = 4  # ggml.h of this commit (llama_cpp/_logger.py's 3 is outdated)
-
-
-def _quiet_llama_cpp() -> Any:
-    """Import llama_cpp with its log taken off stderr: the check runs models many times and
-    the log would bury our output. Its error lines are kept for our own messages."""
-    import llama_cpp
-
-    global _log_callback
-    if _log_callback is None:
-
-        @llama_cpp.llama_log_callback
-        def keep_errors(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-            if level == _GGML_LOG_LEVEL_ERROR and len(_llama_errors) < 10:
-                _llama_errors.append(text.decode("utf-8", "replace"))
-
-        _log_callback = keep_errors
-        llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-    _llama_errors.clear()
-    return llama_cpp
-
-
-def _first_llama_error() -> str:
-    """The first error llama.cpp logged since `_quiet_llama_cpp`: the cause (what follows it
-    is "failed to load model" and the like), without banners or the C function's name."""
-    lines = (line.strip() for text in _llama_errors for line in text.splitlines())
-    first = next((line for line in lines if re.search("[A-Za-z]", line)), "")
-    return re.sub(r"^\w+: ", "", first)
+# --- llama.cpp's quantizer and runtime, each in a child process (llama_child.py) ---
 
 
 def quantize(source: Path, target: Path, gguf_type: str) -> None:
@@ -223,86 +208,62 @@ def quantize(source: Path, target: Path, gguf_type: str) -> None:
     runs). `gguf_type` is one of formats.GGUF_TYPES or any other type llama.cpp knows (its
     `LLAMA_FTYPE_MOSTLY_<TYPE>`). Tensors whose rows do not fit the type's blocks fall back
     to another type, as in llama-quantize: `gguf_metadata(target)["tensor_types"]` says which."""
-    llama_cpp = _quiet_llama_cpp()
     ftype_name = GGUF_TYPES.get(gguf_type, f"MOSTLY_{gguf_type.upper()}")
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype_name}", None)
-    if ftype is None:
-        raise UserError(
-            f"export.formats: llama.cpp {llama_cpp.__version__} has no quant type {gguf_type!r} "
-            f"(no LLAMA_FTYPE_{ftype_name}): use one of {', '.join(GGUF_TYPES)}"
-        )
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = len(os.sched_getaffinity(0))
-    with _atomic_file(target) as staging:
-        status = llama_cpp.llama_model_quantize(
-            str(source).encode(), str(staging).encode(), ctypes.byref(params)
-        )
-        if status != 0:
-            reason = _first_llama_error() or f"status {status}"
-            raise UserError(f"{source}: llama.cpp could not quantize it to {gguf_type}: {reason}")
+    with _atomic_file(target) as staging, LlamaCppChild(source) as child:
+        try:
+            child.call("quantize", str(source), str(staging), ftype_name)
+        except LlamaCppRefused as refused:
+            if str(refused).startswith("no LLAMA_FTYPE_"):
+                raise UserError(
+                    f"export.formats: llama.cpp has no quant type {gguf_type!r} ({refused}): "
+                    f"use one of {', '.join(GGUF_TYPES)}"
+                ) from None
+            raise UserError(
+                f"{source}: llama.cpp could not quantize it to {gguf_type}: {refused}"
+            ) from None
+        except LlamaCppFailed as failed:
+            raise LlamaCppFailed(f"{failed} to {gguf_type}") from None
 
 
 class LlamaCppRunner:
     """A GGUF file run in llama.cpp itself, on the CPU: the runtime users run it in. Greedy,
-    with a fixed thread count: the same ids give the same logits on every call."""
+    with a fixed thread count: the same ids give the same logits on every call. llama.cpp
+    runs in one child process per file; its crash or hang raises LlamaCppFailed."""
 
     def __init__(self, file: Path, n_ctx: int) -> None:
-        llama_cpp = _quiet_llama_cpp()
-        self._llama_cpp = llama_cpp
+        self._child = LlamaCppChild(file)
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(file),
-                n_ctx=n_ctx,
-                n_gpu_layers=0,
-                logits_all=True,
-                seed=0,
-                n_threads=len(os.sched_getaffinity(0)),
-                verbose=False,
-            )
-        except ValueError:
-            reason = _first_llama_error() or "no reason given"
-            raise UserError(f"{file}: llama.cpp cannot load it: {reason}") from None
+            self._child.call("load", str(file), n_ctx)
+        except LlamaCppRefused as refused:
+            self._child.close()
+            raise UserError(f"{file}: llama.cpp cannot load it: {refused}") from None
+        except LlamaCppFailed:
+            self._child.close()
+            raise
         self.n_ctx = n_ctx
-
-    def _evaluate(self, ids: list[int]) -> None:
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens do not fit the runner's context of {self.n_ctx}")
-        self._llama.reset()
-        self._llama.eval(ids)
 
     def logits(self, ids: list[int]) -> Any:
         """float32 [len(ids), vocab]: the next-token logits at every position."""
-        import numpy as np
-
-        self._evaluate(ids)
-        return np.array(self._llama.scores[: len(ids)], dtype=np.float32)
+        self._check_fits(len(ids))
+        return self._child.call("eval", ids)
 
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of `ids`; stops after a token llama.cpp counts as
         end-of-generation (the GGUF's EOS, EOT, ...), which is then the last id returned."""
-        import numpy as np
-
-        vocab = self._llama._model.vocab
-        new: list[int] = []
-        self._evaluate(ids)
-        while len(new) < max_new_tokens:
-            token = int(np.argmax(self._llama.scores[self._llama.n_tokens - 1]))
-            new.append(token)
-            if self._llama_cpp.llama_vocab_is_eog(vocab, token):
-                break
-            if len(ids) + len(new) >= self.n_ctx:
-                break
-            self._llama.eval([token])
-        return new
+        self._check_fits(len(ids))
+        return self._child.call("generate", ids, max_new_tokens, self.n_ctx)
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenization of `text`, special tokens parsed and BOS added as the GGUF
         says: compared with the HF tokenizer's to show both split text alike."""
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return self._child.call("tokenize", text)
+
+    def _check_fits(self, count: int) -> None:
+        if count > self.n_ctx:
+            raise ValueError(f"{count} tokens do not fit the runner's context of {self.n_ctx}")
 
     def close(self) -> None:
-        self._llama.close()
+        self._child.close()
 
 
 def gguf_metadata(file: Path) -> dict[str, Any]:

@@ -361,15 +361,24 @@ def _gguf_exports(
         except UserError as exc:
             rows.append(ExportResult(gguf_type, [], 0, 0.0, problems=[str(exc)]))
             continue
-        runner = gguf.LlamaCppRunner(target, n_ctx=n_ctx)
-        problems = _tokenizer_problems(texts, tokenizer, runner)
-        row = _measured_row(gguf_type, [target], out, ref, runner, config, start)
-        metadata = gguf.gguf_metadata(target)
-        row.problems += problems + _prompt_format_problems(
-            config, samples[0], tokenizer, shipped, metadata
-        )
-        types = ", ".join(f"{k} {v}" for k, v in sorted(metadata["tensor_types"].items()))
-        row.notes.append(f"tensor types: {types}")
+        try:
+            runner = gguf.LlamaCppRunner(target, n_ctx=n_ctx)
+            try:
+                problems = _tokenizer_problems(texts, tokenizer, runner)
+                row = _measured_row(gguf_type, [target], out, ref, runner, config, start)
+            finally:
+                runner.close()
+        except UserError as exc:  # llama.cpp refused, crashed or hung on this file
+            seconds = round(time.monotonic() - start, 2)
+            size = target.stat().st_size
+            row = ExportResult(gguf_type, [_shown(target, out)], size, seconds, problems=[str(exc)])
+        else:
+            metadata = gguf.gguf_metadata(target)
+            row.problems += problems + _prompt_format_problems(
+                config, samples[0], tokenizer, shipped, metadata
+            )
+            types = ", ".join(f"{k} {v}" for k, v in sorted(metadata["tensor_types"].items()))
+            row.notes.append(f"tensor types: {types}")
         if not row.passed:
             row.files = [_shown(_reject(target, out), out)]
         rows.append(row)
