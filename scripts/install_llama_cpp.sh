@@ -2,10 +2,17 @@
 # Installs llama.cpp's runtime and its own HF->GGUF converter, of one llama.cpp commit, into a
 # virtualenv, for the GGUF exports (llm_finetune/exports/gguf.py):
 #   - llama-cpp-python (libllama: runs GGUF files, quantizes with llama_model_quantize). PyPI
-#     has it as an sdist only, so the first install on a machine compiles llama.cpp (~7.5 min
-#     on 2 cores); pip keeps the wheel it built in its cache and later installs reuse it
-#     (~5 s). The build is for this machine's CPU (-march=native: AVX-512 here), so do not
-#     share that cache with machines of another CPU type (a CI cache restored elsewhere).
+#     has it as an sdist only, so the first install on a machine compiles llama.cpp (~5 min
+#     on 2 cores) into a wheel kept under ~/.cache/llm-finetune/wheels; later installs reuse
+#     it (~5 s).
+#   - The build is portable, not -march=native: on x86-64 it uses SSE4.2, AVX, AVX2, FMA, F16C
+#     and BMI2 (x86-64-v3: every Intel CPU since Haswell, every AMD since Zen), with AVX-512
+#     and AMX off. ggml's AMX kernels segfault in llama_decode on Sapphire Rapids Xeons (the
+#     CPUs of the clouds' H100 boxes: llama.cpp issue 20824), and an AVX-512 build dies with
+#     SIGILL on AMD EPYC Rome/Milan. A CPU without AVX2 gets a plain x86-64 build; other
+#     architectures llama.cpp's default. The wheel's folder is named after the build flags (and
+#     for a native build the CPU's features), and pip's own wheel cache is bypassed: pip keys
+#     it by the sdist alone, so it would hand any machine sharing it a wheel built elsewhere.
 #   - the converter of the SAME commit, taken from that sdist (vendor/llama.cpp):
 #     convert_hf_to_gguf.py, conversion/, gguf-py/ and LICENSE, under VENV/share/llama.cpp,
 #     and that gguf-py (gguf 0.19.0) installed into VENV. PyPI's `convert-hf-to-gguf` is not
@@ -15,6 +22,12 @@
 set -euo pipefail
 
 VERSION=0.3.36
+X86_64_V3="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF \
+-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+X86_64="-DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF \
+-DGGML_F16C=OFF -DGGML_BMI2=OFF -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF \
+-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 
 fail() {
     echo "install_llama_cpp.sh: $*" >&2
@@ -32,14 +45,43 @@ installed_version() {
     "$python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true
 }
 
-if [ "$(installed_version llama_cpp_python)" != "$VERSION" ]; then
-    echo "installing llama-cpp-python==$VERSION (the first time on a machine compiles" \
-        "llama.cpp, ~7.5 min on 2 cores; pip caches the wheel for later installs)"
-    start=$SECONDS
-    "$python" -m pip install --quiet "llama-cpp-python==$VERSION" \
-        || fail "pip could not install llama-cpp-python==$VERSION (building it needs a C++" \
-            "compiler and cmake: apt-get install build-essential cmake); see pip's output above"
-    echo "llama-cpp-python installed in $((SECONDS - start)) s"
+cpu_has() {
+    for flag in "$@"; do
+        grep -qw "$flag" /proc/cpuinfo 2>/dev/null || return 1
+    done
+}
+
+if [ "$(uname -m)" = x86_64 ] && cpu_has avx2 fma f16c bmi2; then
+    cmake_args=$X86_64_V3 build=x86-64-v3
+elif [ "$(uname -m)" = x86_64 ]; then
+    cmake_args=$X86_64 build=x86-64
+else  # llama.cpp's default for this architecture: a wheel for this CPU's features only
+    cmake_args="" build="$(uname -m)-native-$(grep -m1 -iE '^(flags|features)' /proc/cpuinfo \
+        | md5sum | cut -c1-12)"
+fi
+wheels=${LLM_FINETUNE_CACHE:-$HOME/.cache/llm-finetune}/wheels/llama-cpp-python-$VERSION-$build
+built=$venv/.llama-cpp-python-$VERSION-$build
+
+if [ "$(installed_version llama_cpp_python)" != "$VERSION" ] || [ ! -f "$built" ]; then
+    if ! ls "$wheels"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
+        echo "building llama-cpp-python==$VERSION for $build CPUs (once per machine: ~5 min" \
+            "on 2 cores; the wheel is kept in $wheels)"
+        start=$SECONDS
+        mkdir -p "$wheels"
+        CMAKE_ARGS="$cmake_args" "$python" -m pip wheel --quiet --no-deps --no-cache-dir \
+            --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -w "$wheels" \
+            || fail "pip could not build llama-cpp-python==$VERSION (building it needs a C++" \
+                "compiler and cmake: apt-get install build-essential cmake); see pip's output above"
+        echo "llama-cpp-python built in $((SECONDS - start)) s"
+    fi
+    "$python" -m pip install --quiet --force-reinstall --no-deps --no-index \
+        --find-links "$wheels" "llama-cpp-python==$VERSION" \
+        || fail "pip could not install the wheel in $wheels; remove that folder and re-run"
+    "$python" -m pip install --quiet "llama-cpp-python==$VERSION" --find-links "$wheels" \
+        --only-binary llama-cpp-python \
+        || fail "pip could not install llama-cpp-python's dependencies; see its output above"
+    rm -f "$venv"/.llama-cpp-python-*
+    touch "$built"
 fi
 
 if [ ! -f "$stamp" ]; then
@@ -69,4 +111,9 @@ fi
 
 "$python" -c "import llama_cpp, gguf, sentencepiece" \
     || fail "llama_cpp, gguf or sentencepiece does not import in $venv after the install"
+if "$python" -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())" \
+    | grep -q "AMX_INT8 = 1"; then
+    fail "the llama-cpp-python in $venv runs ggml's AMX kernels, which crash: remove $wheels" \
+        "and re-run"
+fi
 echo "llama.cpp runtime and converter ready in $venv"
