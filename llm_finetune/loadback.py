@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from llm_finetune.errors import UserError
+from llm_finetune.exports.llama_child import signal_name
 from llm_finetune.hub import is_loopback
 
 
@@ -81,6 +82,8 @@ def _in_child(request: list[Any], endpoint: str, token: str | None) -> dict[str,
         )
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        if child.returncode < 0:  # native code (llama.cpp, torch) died: no Python error
+            last = f"its process died of {signal_name(-child.returncode)}"
         what = "GGUF file" if request[0] == "gguf" else "model"
         raise UserError(f"the published {what} did not load back from {endpoint}: {last}")
     return json.loads(child.stdout.strip().splitlines()[-1])

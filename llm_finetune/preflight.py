@@ -117,7 +117,8 @@ def check_export_tools(config: Config, base: BaseModel) -> str:
         )
         if problem := architecture_problem(getattr(model, "architectures", None) or []):
             raise UserError(problem)
-    return f"exports: {', '.join(config.export.formats)}: the tools they need are installed"
+    tested = " and pass their self-test" if config.export.gguf_types else ""
+    return f"exports: {', '.join(config.export.formats)}: the tools they need are installed{tested}"
 
 
 def remove_leftovers(out: Path) -> str | None:

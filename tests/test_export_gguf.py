@@ -239,7 +239,7 @@ def fake_converter(tmp_path, monkeypatch) -> Path:
     (converter / "conversion" / "__init__.py").write_text("")
     (converter / "conversion" / "base.py").write_text(textwrap.dedent(FAKE_BASE))
     monkeypatch.setattr(gguf, "CONVERTER_DIR", converter)
-    monkeypatch.setattr(gguf, "_check_pre_tokenizer_known", lambda file, name: None)
+    monkeypatch.setattr(gguf, "_check_pre_tokenizer_known", lambda *args: None)
     return converter
 
 

@@ -28,11 +28,9 @@ from llm_finetune.errors import UserError
 from llm_finetune.exports.convert_gguf import UNRECOGNISED, PreTokenizerMismatch
 from llm_finetune.exports.formats import CONVERTER_TYPES, GGUF_TYPES
 from llm_finetune.exports.llama_child import (
-    TIMEOUT_ENV,
     LlamaCppChild,
     LlamaCppFailed,
     LlamaCppRefused,
-    timeout_for,
 )
 
 # Where the install script puts the converter of the installed llama-cpp-python's commit.
@@ -171,7 +169,8 @@ def convert(merged: Path, target: Path, outtype: str, pre_tokenizer: str | None 
             outtype,
         ]
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        timeout = timeout_for(sum(f.stat().st_size for f in merged.glob("*.safetensors")))
+        size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
+        timeout = 600 + 600 * size / 1e9  # reads and writes every weight: the disk's pace
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, env=env, check=False, timeout=timeout
@@ -179,17 +178,18 @@ def convert(merged: Path, target: Path, outtype: str, pre_tokenizer: str | None 
         except subprocess.TimeoutExpired:
             raise UserError(
                 f"{merged}: llama.cpp's converter did not finish in {timeout:.0f} s: stopped it "
-                f"(a slower machine may set {TIMEOUT_ENV})"
+                "(is the disk full or very slow?)"
             ) from None
         if done.returncode != 0:
             raise UserError(_conversion_error(merged, done.stderr, done.returncode))
         if pre_tokenizer:
-            _check_pre_tokenizer_known(staging, pre_tokenizer)
+            _check_pre_tokenizer_known(staging, pre_tokenizer, target.name)
 
 
-def _check_pre_tokenizer_known(file: Path, pre_tokenizer: str) -> None:
-    """A declared name is written as it is; only llama.cpp's loader knows the valid ones."""
-    with LlamaCppChild(file) as child:
+def _check_pre_tokenizer_known(file: Path, pre_tokenizer: str, name: str) -> None:
+    """A declared name is written as it is; only llama.cpp's loader knows the valid ones.
+    `file` is still the staging copy; `name` is the one a failure shows."""
+    with LlamaCppChild(file, name=name) as child:
         try:
             child.call("load", str(file), 512, True)
         except LlamaCppRefused as refused:

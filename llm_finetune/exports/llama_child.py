@@ -66,7 +66,8 @@ def timeout_for(size_bytes: int) -> float:
     return 120.0 + 120.0 * size_bytes / 1e9
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
+    """SIGSEGV for 11: what a process's negative return code means."""
     try:
         return signal.Signals(number).name
     except ValueError:
@@ -87,7 +88,7 @@ def death_message(returncode: int, log_text: str, doing: str) -> str:
     cause = _cause(log_text)
     because = f": {cause}" if cause else ""
     if returncode < 0:
-        name = _signal_name(-returncode)
+        name = signal_name(-returncode)
         if name == "SIGKILL":
             return f"llama.cpp was killed (SIGKILL: out of memory?) {doing}"
         return f"llama.cpp crashed ({name}{because}) {doing}"
@@ -96,10 +97,11 @@ def death_message(returncode: int, log_text: str, doing: str) -> str:
 
 class LlamaCppChild:
     """One child process that runs llama.cpp for one file (and what is quantized from it);
-    every request to it waits at most `timeout_s`."""
+    every request to it waits at most `timeout_s`. `name`: the file's name in messages."""
 
-    def __init__(self, file: Path, timeout_s: float | None = None) -> None:
+    def __init__(self, file: Path, timeout_s: float | None = None, name: str = "") -> None:
         self.file = file
+        self.name = name or file.name
         size = file.stat().st_size if file.is_file() else 0
         self.timeout_s = timeout_for(size) if timeout_s is None else timeout_s
         # The child's stderr (llama.cpp's last words), closed by close().
@@ -114,7 +116,7 @@ class LlamaCppChild:
     def call(self, op: str, *args: Any) -> Any:
         """Ask the child `op(*args)`; its answer, or LlamaCppRefused with llama.cpp's reason,
         or LlamaCppFailed when it died or did not answer in time (it is then stopped)."""
-        doing = f"{_VERBS.get(op, op)} {self.file.name}"
+        doing = f"{_VERBS.get(op, op)} {self.name}"
         try:
             message = pickle.dumps((op, args))
             assert self._process.stdin is not None

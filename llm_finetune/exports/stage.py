@@ -146,9 +146,16 @@ def setup_targets(config: Config) -> list[str]:
 
 
 def toolchain_problems(config: Config) -> list[str]:
-    """Missing tools for the formats asked for, each one line with the command that fixes it:
-    raised in the preflight, before training."""
-    return [problem for tool in _tools(config) if (problem := _problem(tool))]
+    """Missing or broken tools for the formats asked for, each one line with the command that
+    fixes it: raised in the preflight, before training. An installed GGUF toolchain must also
+    pass its self-test (a tiny model converted, quantized and run: seconds, once per machine)."""
+    problems = [problem for tool in _tools(config) if (problem := _problem(tool))]
+    if config.export.gguf_types and not problems:
+        from llm_finetune.exports.gguf_selftest import selftest_problem
+
+        if problem := selftest_problem(config.export.gguf_types):
+            problems.append(problem)
+    return problems
 
 
 def export_all(
