@@ -63,7 +63,8 @@ def contender(mode: str, folder: Path, max_new_tokens: int) -> dict:
     import transformers  # noqa: F401
 
     from llm_finetune.config import DEFAULT_VERIFY_PROMPT
-    from llm_finetune.verify import bounded_memory_needed, check_layout, verify
+    from llm_finetune.verify import verify
+    from llm_finetune.verify_memory import bounded_memory_needed, check_layout
 
     base, adapter, merged = folder / "base", folder / "adapter", folder / "merged"
     cap = None

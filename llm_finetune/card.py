@@ -227,7 +227,7 @@ def write_model_card(
     `heldout`: the summary's before/after measurement (see `comparison_rows`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from llm_finetune.exports.stage import markdown_table
+    from llm_finetune.exports.formats import markdown_table
 
     hub_base = (
         base_model if looks_like_hub_id(base_model) and not Path(base_model).exists() else None
@@ -275,8 +275,7 @@ def write_export_card(
     """README.md of an export's own repo: what the files are, and how each measured."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from llm_finetune.exports.formats import kind_of
-    from llm_finetune.exports.stage import markdown_table
+    from llm_finetune.exports.formats import kind_of, markdown_table
 
     mine = [r for r in rows if r["passed"] and kind_of(r["format"]) == kind]
     what, how, usage = EXPORT_TEXTS[kind]

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,6 +21,17 @@ from llm_finetune.errors import UserError, cause_in_chain, first_line
 DEFAULT_ENDPOINT = "https://huggingface.co"
 WRITE_ROLES = {"admin", "write", "contributor"}
 ENDPOINT_HINT = "check --endpoint (publish.endpoint in a config) or HF_ENDPOINT"
+
+
+@dataclass
+class PublishTarget:
+    """Where a run publishes, checked by the preflight before training."""
+
+    repo_id: str
+    endpoint: str
+    token: str | None
+    local_storage: Path | None = None
+    server: Any = None  # the run's own local Hub server (publish.endpoint: local)
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,15 @@ from llm_finetune.distributed import (
 )
 from llm_finetune.errors import UserError, exit_code_for, first_line
 from llm_finetune.exports.formats import LORA, display_name, is_gguf, kind_of
+from llm_finetune.hub import PublishTarget
 from llm_finetune.manifest import source_commit, write_manifest
 from llm_finetune.plots import PLOT_FILE, plot_training
-from llm_finetune.preflight import PUSH_STAGING, Preflight, PublishTarget, preflight
+from llm_finetune.preflight import PUSH_STAGING, Preflight, preflight
 from llm_finetune.resume import merge_fingerprint, train_fingerprint
 from llm_finetune.runlog import SUMMARY_FILE, StageClock, log, print_table, write_summary
 
 if TYPE_CHECKING:
-    from llm_finetune.backends import Backend
+    from llm_finetune.backends.base import Backend
     from llm_finetune.base_model import BaseModel
 
 
@@ -170,7 +171,7 @@ def _this_code() -> dict[str, str | None]:
 def _wait_for_main_process() -> None:
     """A process other than the main one, after training: free the model's memory, then wait
     for the main process to merge, verify and publish, and share its outcome."""
-    from llm_finetune.verify import free_memory
+    from llm_finetune.verify_memory import free_memory
 
     free_memory()
     exit_code = wait_for_main()

@@ -16,23 +16,15 @@ from llm_finetune.base_model import BaseModel, BaseWeights, base_weights, resolv
 from llm_finetune.distributed import check_launch, is_main_process
 from llm_finetune.errors import UserError
 from llm_finetune.exports.stage import toolchain_problems
+from llm_finetune.hub import PublishTarget
 from llm_finetune.runlog import log
 
 if TYPE_CHECKING:
-    from llm_finetune.backends import Backend
+    from llm_finetune.backends.base import Backend
     from llm_finetune.config import Config
     from llm_finetune.resume import Reuse
 
 PUSH_STAGING = ".unsloth-push"  # in output_dir: a backend push's temporary copy of the model
-
-
-@dataclass
-class PublishTarget:
-    repo_id: str
-    endpoint: str
-    token: str | None
-    local_storage: Path | None = None
-    server: Any = None  # the run's own local Hub server (publish.endpoint: local)
 
 
 @dataclass
@@ -175,7 +167,7 @@ def check_verify_memory(base: BaseModel, config: Config, backend: Backend) -> st
     """Verification holds the models in float32: whole when they fit (beside what the
     backend keeps), else one layer at a time. Check before training that it fits, and say
     which way it will run, rather than fail hours later."""
-    from llm_finetune.verify import (
+    from llm_finetune.verify_memory import (
         available_memory,
         base_shapes,
         describe_memory,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.distributed import is_main_process
+from llm_finetune.exports.formats import table
 
 SUMMARY_FILE = "run-summary.json"
 
@@ -64,8 +65,6 @@ def print_table(summary: dict[str, Any]) -> None:
         if summary.get(key) is not None:
             log(f"{key}: {summary[key]:.6g}")
     if summary.get("exports"):
-        from llm_finetune.exports.stage import table
-
         columns = table(summary["exports"])
         widths = [max(len(row[i]) for row in columns) for i in range(len(columns[0]))]
         log("")

@@ -278,7 +278,7 @@ def test_a_failed_conversion_rejects_the_gguf_rows_and_keeps_the_rest(
     finished_run, tmp_path, monkeypatch
 ):
     from llm_finetune.exports import gguf
-    from llm_finetune.exports.stage import table
+    from llm_finetune.exports.formats import table
 
     def converter_fails(*args, **kwargs):
         raise UserError("merged: llama.cpp's converter failed: KeyError: 'rope_theta'")

@@ -111,7 +111,7 @@ def test_verify_holds_one_model_at_a_time(merged_bf16, monkeypatch, mode):
     from llm_finetune import verify as verify_module
 
     base, adapter, out, _ = merged_bf16
-    name = "_load_whole" if mode == "whole" else "_load_bounded"
+    name = "load_whole" if mode == "whole" else "load_bounded"
     load = getattr(verify_module, name)
     loaded: list[weakref.ref] = []
 

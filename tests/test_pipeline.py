@@ -228,14 +228,14 @@ def test_too_little_memory_to_verify_fails_in_preflight(tmp_path, monkeypatch, c
     """Verification holds the models in float32, whole or one layer at a time: the preflight
     says which, and a machine (or a verify.max_memory) that cannot hold even one layer is
     refused before training, in one line with the numbers, rather than hours later."""
-    from llm_finetune import verify
+    from llm_finetune import verify_memory
     from llm_finetune.config import load_config
     from llm_finetune.demo import resolve_builtin_model
     from llm_finetune.errors import UserError
     from llm_finetune.pipeline import run
 
     out = tmp_path / "out"
-    monkeypatch.setattr(verify, "available_memory", lambda: ([], 1_000_000))
+    monkeypatch.setattr(verify_memory, "available_memory", lambda: ([], 1_000_000))
     config = load_config(DEMO, [f"output_dir={out}", "publish.enabled=false"])
     pattern = r"verification needs at least \d+.\d MB \(one layer .* 0 GB of free RAM: .*"
     with pytest.raises(UserError, match=pattern + "verify.enabled: false"):
@@ -252,16 +252,18 @@ def test_too_little_memory_to_verify_fails_in_preflight(tmp_path, monkeypatch, c
         run(config)
     # More than a layer, less than the whole model: one layer at a time.
     config = load_config(DEMO, [f"output_dir={out}", "publish.enabled=false"])
-    shapes = verify.folder_shapes(resolve_builtin_model(config.model.name))
-    lora = verify.lora_parameters(shapes, config.lora.r, config.lora.target_modules)
-    layout = verify.layout_of(shapes, lora)
-    between = (verify.bounded_memory_needed(layout) + verify.memory_needed(layout)) // 2
-    monkeypatch.setattr(verify, "available_memory", lambda: ([], between))
+    shapes = verify_memory.folder_shapes(resolve_builtin_model(config.model.name))
+    lora = verify_memory.lora_parameters(shapes, config.lora.r, config.lora.target_modules)
+    layout = verify_memory.layout_of(shapes, lora)
+    between = (
+        verify_memory.bounded_memory_needed(layout) + verify_memory.memory_needed(layout)
+    ) // 2
+    monkeypatch.setattr(verify_memory, "available_memory", lambda: ([], between))
     with pytest.raises(_PreflightPassed):
         run(config)
     assert "verification will hold bounded, one layer at a time" in capsys.readouterr().out
     # A cap under one layer: refused, whatever the machine has.
-    monkeypatch.setattr(verify, "available_memory", lambda: ([], 10**12))
+    monkeypatch.setattr(verify_memory, "available_memory", lambda: ([], 10**12))
     config = load_config(DEMO, [f"output_dir={out}", "verify.max_memory=1MB"])
     one_layer = r"verify.max_memory 1MB is smaller than one layer of the model \(\d+.\d MB: "
     with pytest.raises(UserError, match=one_layer + ".*: raise it to at least that"):

@@ -11,21 +11,17 @@ import pytest
 from llm_finetune.data import alpaca_prompt, format_alpaca
 from llm_finetune.demo import CHAT_TEMPLATE
 from llm_finetune.errors import UserError
+from llm_finetune.exports.ollama import ollama_files, ollama_render, read_modelfile
 from llm_finetune.exports.prompt_format import (
     Shipped,
-    TurnFormat,
     alpaca_format,
     gguf_shipped,
-    jinja_render,
-    ollama_files,
-    ollama_render,
     prompt_format_problems,
-    read_modelfile,
     shipped_by_folder,
     training_chat_template,
-    turn_format,
     write_prompt_format,
 )
+from llm_finetune.exports.turn_format import TurnFormat, jinja_render, turn_format
 
 EOS = "</s>"
 ALPACA_ROW = {"instruction": "Write the number 7 in words.", "input": "", "output": "seven"}

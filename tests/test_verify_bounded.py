@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llm_finetune.errors import UserError
 from llm_finetune.merge import merge
-from llm_finetune.verify import (
+from llm_finetune.verify import verify, verify_in_fresh_process
+from llm_finetune.verify_loading import load_bounded, load_whole
+from llm_finetune.verify_memory import (
     WeightsLayout,
-    _load_bounded,
-    _load_whole,
     adapter_parameters,
     bounded_memory_needed,
     check_layout,
@@ -29,8 +29,6 @@ from llm_finetune.verify import (
     lora_parameters,
     memory_needed,
     plan_memory,
-    verify,
-    verify_in_fresh_process,
 )
 
 PROMPTS = ["Write the number 47 in words.", "Convert 21 to words."]
@@ -96,7 +94,7 @@ def test_peft_on_a_streamed_model_gives_the_whole_models_outputs(tiny_base, tmp_
     with every block streamed, and with some resident."""
     adapter = randomised_adapter(tiny_base, tmp_path / "adapter", ADAPTERS[layout])
     input_ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(1))
-    expected = outputs(*_load_whole(tiny_base, adapter), input_ids)
+    expected = outputs(*load_whole(tiny_base, adapter), input_ids)
     assert float((expected[0] - expected[2]).abs().max()) > 1.0  # the adapter matters
     layout_ = layout_of(folder_shapes(Path(tiny_base)), adapter_parameters(adapter))
     least = bounded_memory_needed(layout_)
@@ -107,7 +105,7 @@ def test_peft_on_a_streamed_model_gives_the_whole_models_outputs(tiny_base, tmp_
     for budget in (least, some_resident):  # none resident, some resident
         plan = plan_memory(layout_, [], 10**12, f"{budget}B")
         assert plan.mode == "bounded"
-        model, device = _load_bounded(tiny_base, adapter, plan, tmp_path)
+        model, device = load_bounded(tiny_base, adapter, plan, tmp_path)
         names = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         streamed[budget] = len(names)
         for got, want in zip(outputs(model, device, input_ids), expected, strict=True):
@@ -125,17 +123,17 @@ def test_a_checkpoint_named_otherwise_than_the_model_goes_through_transformers(
     from safetensors.torch import load_file, save_file
     from transformers import GPT2Config
 
-    from llm_finetune import verify as verify_module
+    from llm_finetune import verify_loading
     from tests.test_merge_layouts import save_tokenizer
 
-    by_transformers = verify_module._meta_model_by_transformers
+    by_transformers = verify_loading._meta_model_by_transformers
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(args[0])
         return by_transformers(*args, **kwargs)
 
-    monkeypatch.setattr(verify_module, "_meta_model_by_transformers", counted)
+    monkeypatch.setattr(verify_loading, "_meta_model_by_transformers", counted)
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)

@@ -1,6 +1,6 @@
-"""Backends: what differs between the ways a model is trained and saved, behind one seam.
+"""Which backend trains and saves a run, and why: `choose_backend` and `get_backend`.
 
-The pipeline calls only the `Backend` methods below and never asks which backend it has;
+The pipeline calls only the methods of `base.Backend` and never asks which backend it has;
 everything else (data, trl training, verification, the card, the upload) is shared, so one
 config drives either backend. `choose_backend` imports nothing heavy except torch, to answer
 why it picked what it picked.
@@ -11,81 +11,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from llm_finetune.errors import UserError
 
 if TYPE_CHECKING:
-    from llm_finetune.base_model import BaseModel
-    from llm_finetune.config import Config
-    from llm_finetune.preflight import PublishTarget
-
-
-class Backend(Protocol):
-    name: str
-    # Verification runs in a fresh process: this backend patches its own process's libraries.
-    verifies_in_fresh_process: bool
-    # The trained model answers one prompt before the merge (the handbook's look at it).
-    samples_after_training: bool
-
-    def prepare(self, config: Config) -> None:
-        """First thing in the preflight, before transformers/peft/trl are imported: import
-        order, environment, and what this backend cannot do with `config` (UserError)."""
-
-    def load_for_training(self, config: Config, base: BaseModel) -> tuple[Any, Any]:
-        """The base model with LoRA adapters attached (a peft model) and its tokenizer."""
-
-    def sample(self, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-        """One greedy generation from the trained model in memory."""
-
-    def save_merged(
-        self,
-        model: Any,
-        tokenizer: Any,
-        base: BaseModel,
-        adapter_dir: Path,
-        output_dir: Path,
-        config: Config,
-    ) -> dict[str, Any]:
-        """Write the merged 16-bit model into `output_dir` (which must not exist yet).
-
-        Returns facts for the run summary (how and from which weights it merged).
-        """
-
-    def pushes_merged(self, config: Config) -> bool:
-        """Whether it publishes from the trained model itself (kept in memory until then)."""
-
-    def push_merged(
-        self,
-        model: Any,
-        tokenizer: Any,
-        target: PublishTarget,
-        config: Config,
-        commit_message: str,
-        staging: Path,
-        merge_facts: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Publish from the trained model (only where `pushes_merged`); `staging` is where its
-        temporary copy of the merged model may go. Returns the branch's files and commits."""
-
-    def merged_copies(self, config: Config) -> int:
-        """How many copies of the merged model the save and push write to the output's disk."""
-
-    def memory_beside_verification(self, config: Config, parameters: int) -> int:
-        """Bytes this backend keeps in memory while the merge is verified."""
-
-
-def set_padding(tokenizer: Any) -> Any:
-    """PAD = EOS where the tokenizer has none (as the handbook does), right padding to train."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def target_modules_error(exc: ValueError) -> UserError:
-    """peft's refusal of `lora.target_modules` (e.g. none found in the model), in one line."""
-    return UserError(f"lora.target_modules: {str(exc).splitlines()[0]}")
+    from llm_finetune.backends.base import Backend
 
 
 @dataclass(frozen=True)

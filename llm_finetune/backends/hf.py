@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_finetune.backends import set_padding, target_modules_error
+from llm_finetune.backends.base import set_padding, target_modules_error
 from llm_finetune.distributed import local_rank, shards_weights
 
 if TYPE_CHECKING:
     from llm_finetune.base_model import BaseModel
     from llm_finetune.config import Config
-    from llm_finetune.preflight import PublishTarget
+    from llm_finetune.hub import PublishTarget
 
 
 def training_dtype(requested: str) -> Any:

@@ -33,14 +33,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_finetune.backends import set_padding, target_modules_error
+from llm_finetune.backends.base import set_padding, target_modules_error
 from llm_finetune.errors import UserError, first_line
 from llm_finetune.hub import require_token
 
 if TYPE_CHECKING:
     from llm_finetune.base_model import BaseModel
     from llm_finetune.config import Config
-    from llm_finetune.preflight import PublishTarget
+    from llm_finetune.hub import PublishTarget
 
 CPU_SAVER_MODULE = "unsloth_zoo.cpu.loader"
 GPU_SAVER_MODULE = "unsloth.save"

@@ -1,4 +1,5 @@
-"""The export formats a config may ask for, in Unsloth's vocabulary, and their default limits.
+"""The export formats a config may ask for, in Unsloth's vocabulary, their default limits,
+and the table their checked results are shown in (log, summary, cards).
 
 Only the standard library is imported here: `config.py` validates `export.formats` with it,
 so a misspelt quant type is refused in a fraction of a second, before any training.
@@ -7,6 +8,8 @@ so a misspelt quant type is refused in a fraction of a second, before any traini
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 # Safetensors / adapter formats. `merged_16bit` is the verified merge itself.
 LORA = "lora"
@@ -110,3 +113,40 @@ DEFAULT_LIMITS = {
     "tq1_0": Limits(kl=2.0, top1=0.3),
     "tq2_0": Limits(kl=2.0, top1=0.3),
 }
+
+
+TABLE_HEADER = [
+    "format",
+    "file(s)",
+    "bytes",
+    "perplexity",
+    "KL vs 16-bit",
+    "top-1 agreement",
+    "stops at EOS",
+    "check",
+]
+
+
+def table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The size/quality table, header first: the same in the summary, the log and the cards."""
+    lines = [TABLE_HEADER]
+    for row in rows:
+        m, files = row["measured"], row["files"]
+        measured = [f"{m['perplexity']:.4g}", f"{m['kl']:.3g}", f"{m['top1']:.1%}"] if m else []
+        lines.append(
+            [
+                display_name(row["format"]),
+                Path(files[0]).name if len(files) == 1 else f"{len(files)} files" if files else "-",
+                f"{row['bytes'] / 1e6:,.2f} MB",
+                *(measured or ["-", "-", "-"]),
+                m.get("stops_at_eos", "-"),
+                "passed" if row["passed"] else "rejected: " + "; ".join(row["problems"]),
+            ]
+        )
+    return lines
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header, *body = table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])

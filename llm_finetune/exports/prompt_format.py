@@ -8,134 +8,39 @@ template into `tokenizer.chat_template`, and Ollama picks its template from that
 
 Here: the chat template that renders exactly the training text (`training_chat_template`),
 written into the merged folder (`write_prompt_format`) from which llama.cpp's converter copies
-it into the GGUF; the Ollama files made from it (`ollama_files`); and the check that renders one
-training row through each of them and compares with what training saw
-(`prompt_format_problems`).
-
-Ollama's template and llama.cpp's are two languages (Go templates, Jinja): both are generated
-from one `TurnFormat`, a linear description (each message is prefix + content + suffix of its
-role), read off the Jinja template by rendering it, and only used when it renders every probe
-conversation exactly as the template does.
+it into the GGUF; and the check that renders one training row through it, the GGUF's and the
+Ollama files (`ollama.ollama_files`) and compares with what training saw
+(`prompt_format_problems`). The chat formats themselves are `turn_format`'s.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm_finetune.data import alpaca_prompt, format_alpaca, format_chat, format_dpo
 from llm_finetune.errors import UserError, abbreviated, first_line
+from llm_finetune.exports.ollama import ollama_render, read_modelfile
+from llm_finetune.exports.turn_format import (
+    Message,
+    Render,
+    TurnFormat,
+    chat_message,
+    jinja_render,
+)
 from llm_finetune.fsutil import read_json_object
 
-Message = dict[str, str]
-Render = Callable[[Sequence[Message], bool], str]  # (messages, add_generation_prompt) -> text
-
-ROLES = ("system", "user", "assistant")
 DATA_FORMATS = ("alpaca", "chat", "dpo")
 # Where transformers 5 saves a tokenizer's chat template; tokenizer_config.json's
 # "chat_template" is the older place, and llama.cpp's converter PREFERS it to this file.
 TEMPLATE_FILE = "chat_template.jinja"
 EXTRA_TEMPLATES_DIR = "additional_chat_templates"
 PROCESSOR_TEMPLATE_FILE = "chat_template.json"
-
-
-@dataclass(frozen=True)
-class TurnFormat:
-    """A linear chat format: `begin`, then each message as its role's prefix + content +
-    suffix in order, then `generation_prompt` when asked; a conversation without a system
-    message gets `default_system` as one (Alpaca's fixed preamble).
-
-    The one description the Jinja and the Go template are both generated from."""
-
-    prefix: dict[str, str]
-    suffix: dict[str, str]
-    generation_prompt: str
-    begin: str = ""
-    default_system: str | None = None
-
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
-        parts = [self.begin]
-        if self.default_system is not None and not any(m["role"] == "system" for m in messages):
-            parts.append(self._default_turn())
-        for message in messages:
-            if message["role"] in ROLES:
-                role = message["role"]
-                parts.append(self.prefix[role] + message["content"] + self.suffix[role])
-        if add_generation_prompt:
-            parts.append(self.generation_prompt)
-        return "".join(parts)
-
-    def _default_turn(self) -> str:
-        return self.prefix["system"] + (self.default_system or "") + self.suffix["system"]
-
-    def jinja(self) -> str:
-        """The Jinja chat template (transformers, llama.cpp) that renders as `render` does."""
-        q = _jinja_literal
-        lines = []
-        if self.begin:
-            lines.append("{{- " + q(self.begin) + " -}}")
-        if self.default_system is not None:
-            lines += [
-                "{%- set ns = namespace(has_system=false) -%}",
-                "{%- for message in messages -%}",
-                "{%- if message['role'] == 'system' -%}",
-                "{%- set ns.has_system = true -%}",
-                "{%- endif -%}",
-                "{%- endfor -%}",
-                "{%- if not ns.has_system -%}{{- " + q(self._default_turn()) + " -}}{%- endif -%}",
-            ]
-        lines.append("{%- for message in messages -%}")
-        for index, role in enumerate(ROLES):
-            keyword = "if" if index == 0 else "elif"
-            pieces = [q(self.prefix[role]), "message['content']", q(self.suffix[role])]
-            text = " + ".join(piece for piece in pieces if piece != "''")
-            lines.append(f"{{%- {keyword} message['role'] == '{role}' -%}}{{{{- {text} -}}}}")
-        lines += [
-            "{%- endif -%}",
-            "{%- endfor -%}",
-            "{%- if add_generation_prompt -%}{{- "
-            + q(self.generation_prompt)
-            + " -}}{%- endif -%}",
-        ]
-        return "\n".join(lines) + "\n"
-
-    def go_template(self) -> str | None:
-        """The Ollama template (Go `text/template`, over `.Messages`) that renders as `render`
-        does; None when a literal holds `{{`, which raw template text cannot."""
-        pieces = [self.begin]
-        if self.default_system is not None:
-            pieces += ["{{ if not .System }}", self._default_turn(), "{{ end }}"]
-        pieces.append("{{ range .Messages }}")
-        for index, role in enumerate(ROLES):
-            keyword = "if" if index == 0 else "else if"
-            pieces += [f'{{{{ {keyword} eq .Role "{role}" }}}}', self.prefix[role]]
-            pieces += ["{{ .Content }}", self.suffix[role]]
-        pieces += ["{{ end }}{{ end }}", self.generation_prompt]
-        literals = [self.begin, self.generation_prompt, self._default_turn()]
-        if any("{{" in text for text in [*literals, *self.prefix.values(), *self.suffix.values()]):
-            return None
-        return "".join(pieces)
-
-    def stops(self, eos_token: str) -> list[str]:
-        """Where Ollama stops: the EOS, and the end of an assistant turn when that is another
-        text (ChatML's `<|im_end|>` with `<|endoftext|>` as the EOS)."""
-        stops = [eos_token]
-        turn_end = self.suffix["assistant"].strip()
-        if turn_end and turn_end != eos_token:
-            stops.append(turn_end)
-        return stops
-
-
-def _jinja_literal(text: str) -> str:
-    """`text` as a Jinja string literal that jinja2 and llama.cpp's Jinja engine both read."""
-    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
-    return "'" + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + "'"
 
 
 def alpaca_format(eos_token: str) -> TurnFormat:
@@ -230,371 +135,6 @@ def _replace_text(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-# ---- Reading a format off a Jinja template -------------------------------------------------
-
-
-def jinja_render(chat_template: str, **special_tokens: str) -> Render:
-    """Render `chat_template` as transformers' apply_chat_template does (its Jinja environment),
-    with the special-token variables given (`eos_token=...`)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
-        rendered, _ = render_jinja_template(
-            [list(messages)],
-            chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt,
-            **special_tokens,
-        )
-        return rendered[0]
-
-    return render
-
-
-def _m(role: str, content: str) -> Message:
-    return {"role": role, "content": content}
-
-
-def turn_format(render: Render) -> TurnFormat | None:
-    """The linear format `render` follows, read off renderings of probe conversations; None
-    when it follows none (a template that rewrites earlier turns, folds the system message
-    into the first user turn, refuses a role...)."""
-    s, u1, a1, u2, a2 = "Sq1", "Uq1", "Aq1", "Uq2", "Aq2"
-    try:
-        user_only = render([_m("user", u1)], False)
-        prompted = render([_m("user", u1)], True)
-        pair = render([_m("user", u1), _m("assistant", a1)], False)
-        pairs = render(
-            [_m("user", u1), _m("assistant", a1), _m("user", u2), _m("assistant", a2)], False
-        )
-        with_system = render([_m("system", s), _m("user", u1)], False)
-        before_user, user_suffix = _split_once(user_only, u1)
-        after_user, assistant_suffix = _split_once(pair[len(before_user + u1) :], a1)
-        user_prefix, _ = _split_once(pairs[len(pair) :], u2)
-        before_system, after_system = _split_once(with_system, s)
-    except Exception:  # a template that raises on a role, or renders a message twice
-        return None
-    user_turn = user_prefix + u1 + user_suffix
-    if not (
-        prompted.startswith(user_only)
-        and pair.startswith(before_user + u1)
-        and pairs.startswith(pair)
-        and after_user.startswith(user_suffix)
-        and before_user.endswith(user_prefix)
-        and after_system.endswith(user_turn)
-    ):
-        return None
-    system_suffix = after_system[: len(after_system) - len(user_turn)]
-    head = before_user[: len(before_user) - len(user_prefix)]  # begin + any default system
-    # `begin` and the system prefix are told apart by trying the shortest `begin` first.
-    for cut in range(len(os.path.commonprefix([head, before_system])) + 1):
-        system_prefix, added = before_system[cut:], head[cut:]
-        default_system = None
-        if added:
-            if len(added) < len(system_prefix + system_suffix) or not (
-                added.startswith(system_prefix) and added.endswith(system_suffix)
-            ):
-                continue
-            default_system = added[len(system_prefix) : len(added) - len(system_suffix)]
-        found = TurnFormat(
-            prefix={
-                "system": system_prefix,
-                "user": user_prefix,
-                "assistant": after_user[len(user_suffix) :],
-            },
-            suffix={"system": system_suffix, "user": user_suffix, "assistant": assistant_suffix},
-            generation_prompt=prompted[len(user_only) :],
-            begin=head[:cut],
-            default_system=default_system,
-        )
-        if _renders_alike(found.render, render):
-            return found
-    return None
-
-
-def _split_once(text: str, marker: str) -> tuple[str, str]:
-    if text.count(marker) != 1:
-        raise ValueError(f"{marker!r} rendered {text.count(marker)} times")
-    before, _, after = text.partition(marker)
-    return before, after
-
-
-# Conversations every use of a format meets: one turn, a history, a system message, contents
-# with spaces and lines.
-_PROBES: list[tuple[list[Message], bool]] = [
-    ([_m("user", "one")], True),
-    ([_m("user", "one")], False),
-    ([_m("user", "one two"), _m("assistant", "three\nfour")], False),
-    ([_m("user", "a"), _m("assistant", "b"), _m("user", "c d")], True),
-    ([_m("system", "be brief"), _m("user", "one")], True),
-    (
-        [
-            _m("system", "be\nbrief"),
-            _m("user", "a"),
-            _m("assistant", "b"),
-            _m("user", "c"),
-            _m("assistant", "d e"),
-        ],
-        False,
-    ),
-]
-
-
-def _renders_alike(ours: Render, theirs: Render, prompts_only: bool = False) -> bool:
-    """Whether both render the probes alike (only those ending in a generation prompt: all
-    that Ollama renders)."""
-    probes = [(m, g) for m, g in _PROBES if g or not prompts_only]
-    try:
-        return all(ours(m, g) == theirs(m, g) for m, g in probes)
-    except Exception:
-        return False
-
-
-# ---- Ollama ---------------------------------------------------------------------------------
-
-
-@dataclass
-class OllamaFiles:
-    """What Ollama reads: `Modelfile` for `ollama create`, and the `template` (Go template),
-    `params` (JSON) and `system` files it reads from the root of a Hugging Face GGUF repo for
-    `ollama run hf.co/<user>/<repo>:<quant>` (huggingface.co/docs/hub/ollama, "Custom Chat
-    Template and Parameters"). `note` says what could not be made, or None."""
-
-    files: dict[str, str]
-    note: str | None = None
-
-
-def ollama_files(
-    chat_template: str, eos_token: str, gguf_file_name: str, system: str | None = None
-) -> OllamaFiles:
-    """The Ollama files for a GGUF whose chat template is `chat_template` (the merged folder's,
-    which `write_prompt_format` made the training format's): the template translated to Go,
-    the EOS and the turn terminator as stops, no sampling parameter (none was measured).
-
-    A template that is not a linear role-header format gets no TEMPLATE and no stop, so that
-    Ollama renders the GGUF's own `tokenizer.chat_template`; `note` says so."""
-    if not gguf_file_name or any(c in gguf_file_name for c in '/\\" \n'):
-        raise ValueError(f"a GGUF file name without folders, spaces or quotes: {gguf_file_name!r}")
-    modelfile = [f"FROM ./{gguf_file_name}"]
-    files: dict[str, str] = {}
-    note = None
-    # Ollama adds the BOS as a token (the GGUF's add_bos_token): the template must not.
-    found = turn_format(jinja_render(chat_template, eos_token=eos_token, bos_token=""))
-    template = found.go_template() if found else None
-    quoted = _modelfile_value(template) if template else None
-    if found and template and quoted and _go_renders_as(template, found):
-        stops = found.stops(eos_token)
-        modelfile.append(f"TEMPLATE {quoted}")
-        modelfile += [f"PARAMETER stop {_modelfile_value(stop)}" for stop in stops]
-        files["template"] = template
-        files["params"] = json.dumps({"stop": stops}, indent=2, ensure_ascii=False) + "\n"
-    else:
-        note = (
-            "the chat template is not a linear role-header format that this export translates "
-            "to an Ollama Go template: no TEMPLATE or stop written, so Ollama renders the "
-            "GGUF's tokenizer.chat_template (with llama.cpp since Ollama 0.30; older versions "
-            "pick the closest template of their own: check `ollama show --template`)"
-        )
-    if system is not None:
-        quoted_system = _modelfile_value(system)
-        if quoted_system is None:
-            raise UserError(
-                f"the system prompt {abbreviated(system)} cannot be quoted in a Modelfile "
-                '(it holds \'"""\' or an unprintable character): reword it'
-            )
-        modelfile.insert(1, f"SYSTEM {quoted_system}")
-        files["system"] = system
-    files["Modelfile"] = "\n".join(modelfile) + "\n"
-    return OllamaFiles(files=files, note=note)
-
-
-def _go_renders_as(template: str, found: TurnFormat) -> bool:
-    """A last check of the translation, by the renderer the consistency check uses."""
-    return _renders_alike(ollama_render(template), found.render, prompts_only=True)
-
-
-def _modelfile_value(text: str) -> str | None:
-    """`text` quoted for a Modelfile the way Ollama's parser reads it back unchanged (it
-    unquotes "..." and \"\"\"...\"\"\" and processes no escapes, and drops unprintable
-    characters); None when it cannot be."""
-    if any(not (c.isprintable() or c in "\n\t") for c in text) or '"""' in text:
-        return None
-    if '"' not in text and "\n" not in text:
-        return f'"{text}"'
-    return f'"""{text}"""'
-
-
-def read_modelfile(text: str) -> list[tuple[str, str]]:
-    """The (command, value) pairs of a Modelfile, as Ollama's parser reads the forms
-    `ollama_files` writes: `PARAMETER name value` becomes (name, value)."""
-    commands = []
-    lines = iter(text.splitlines())
-    for line in lines:
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        name, _, value = stripped.partition(" ")
-        value = value.lstrip(" \t")
-        if name.lower() == "parameter":
-            name, _, value = value.partition(" ")
-            value = value.lstrip(" \t")
-        if value.startswith('"""'):
-            while len(value) < 6 or not value.rstrip().endswith('"""'):
-                line = next(lines, None)
-                if line is None:
-                    raise ValueError(f'the Modelfile\'s {name} value has no closing """')
-                value += "\n" + line
-            value = value.rstrip()[3:-3]
-        elif value.startswith('"') and value.endswith('"') and len(value) >= 2:
-            value = value[1:-1]
-        commands.append((name.lower(), value))
-    return commands
-
-
-_ACTION = re.compile(r"\{\{(- )?\s*(.*?)\s*( -)?\}\}", re.DOTALL)
-
-
-def ollama_render(template: str) -> Render:
-    """Render an Ollama Go template for a conversation as Ollama does on its `.Messages` path
-    (consecutive messages of one role joined by a blank line, `.System` all system messages).
-
-    Covers the constructs `TurnFormat.go_template` and Ollama's own role-header templates use:
-    text, `{{ .Field }}`, `if`/`else if`/`else` on a field, `not`, `eq .Field "text"`,
-    `range .Messages`, and the `{{-`/`-}}` trims; anything else raises ValueError. Ollama
-    renders only prompts: the template's generation prompt comes whatever the flag says."""
-    tree = _parse_go(template)
-
-    def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
-        collated: list[Message] = []
-        for message in messages:
-            if collated and collated[-1]["role"] == message["role"]:
-                collated[-1]["content"] += "\n\n" + message["content"]
-            else:
-                collated.append(dict(message))
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        root = {"System": system, "Messages": collated, "Response": "", "Prompt": ""}
-        out: list[str] = []
-        _execute(tree, root, root, out)
-        return "".join(out)
-
-    return render
-
-
-def _parse_go(template: str) -> list[Any]:
-    """The template as nested nodes: text, ("value", expression), ("if", [(condition, body)],
-    else body), ("range", body)."""
-    texts, actions = [], []
-    position = 0
-    for match in _ACTION.finditer(template):
-        texts.append(template[position : match.start()])
-        actions.append(match)
-        position = match.end()
-    texts.append(template[position:])
-    for index, match in enumerate(actions):  # `{{- ` and ` -}}` trim the text beside them
-        if match.group(1):
-            texts[index] = texts[index].rstrip(" \t\r\n")
-        if match.group(3):
-            texts[index + 1] = texts[index + 1].lstrip(" \t\r\n")
-    tokens: list[Any] = []
-    for text, match in zip(texts, [*actions, None], strict=True):
-        if text:
-            tokens.append(text)
-        if match is not None:
-            tokens.append(("action", match.group(2)))
-    body, stop = _parse_body(tokens, 0)
-    if stop is not None:
-        raise ValueError(f"unexpected {{{{ {stop[1]} }}}} in the Ollama template")
-    return body
-
-
-def _parse_body(tokens: list[Any], index: int) -> tuple[list[Any], tuple[int, str] | None]:
-    """Nodes until an `end`/`else...` action; returns them and (index after it, its text)."""
-    nodes: list[Any] = []
-    while index < len(tokens):
-        token = tokens[index]
-        index += 1
-        if isinstance(token, str):
-            nodes.append(token)
-            continue
-        action = token[1]
-        if action == "end" or action == "else" or action.startswith("else if "):
-            return nodes, (index, action)
-        if action.startswith("if "):
-            branches, otherwise = [], []
-            condition = action[3:]
-            while True:
-                body, stop = _parse_body(tokens, index)
-                if stop is None:
-                    raise ValueError("an `if` without `end` in the Ollama template")
-                branches.append((_known(condition), body))
-                index, closing = stop
-                if closing == "end":
-                    break
-                if closing == "else":
-                    otherwise, stop = _parse_body(tokens, index)
-                    if stop is None or stop[1] != "end":
-                        raise ValueError("an `else` without `end` in the Ollama template")
-                    index = stop[0]
-                    break
-                condition = closing[len("else if ") :]
-            nodes.append(("if", branches, otherwise))
-        elif action == "range .Messages":
-            body, stop = _parse_body(tokens, index)
-            if stop is None or stop[1] != "end":
-                raise ValueError("a `range` without `end` in the Ollama template")
-            index = stop[0]
-            nodes.append(("range", body))
-        else:
-            nodes.append(("value", _known(action)))
-    return nodes, None
-
-
-def _execute(nodes: list[Any], dot: dict[str, Any], root: dict[str, Any], out: list[str]) -> None:
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif node[0] == "value":
-            out.append(str(_evaluate(node[1], dot, root)))
-        elif node[0] == "if":
-            for condition, body in node[1]:
-                if _evaluate(condition, dot, root):
-                    _execute(body, dot, root, out)
-                    break
-            else:
-                _execute(node[2], dot, root, out)
-        else:  # range .Messages
-            for message in root["Messages"]:
-                _execute(
-                    node[1], {"Role": message["role"], "Content": message["content"]}, root, out
-                )
-
-
-_FIELD = r"\$?\.\w+"
-_EXPRESSION = re.compile(rf'\(?(not )?({_FIELD}|eq {_FIELD} "[^"\\]*")\)?')
-
-
-def _known(expression: str) -> str:
-    """`expression` if it is one this renderer evaluates; refused when the template is read,
-    not when a conversation happens to reach it."""
-    if not _EXPRESSION.fullmatch(expression.strip()):
-        raise ValueError(f"{{{{ {expression} }}}} is not a construct this check renders")
-    return expression
-
-
-def _evaluate(expression: str, dot: dict[str, Any], root: dict[str, Any]) -> Any:
-    expression = expression.strip()
-    if expression.startswith("(") and expression.endswith(")"):
-        return _evaluate(expression[1:-1], dot, root)
-    if expression.startswith("not "):
-        return not _evaluate(expression[4:], dot, root)
-    if match := re.fullmatch(r'eq (\S+) "([^"\\]*)"', expression):
-        return _evaluate(match.group(1), dot, root) == match.group(2)
-    if match := re.fullmatch(r"(\$?)\.(\w+)", expression):
-        scope = root if match.group(1) else dot
-        if match.group(2) in scope:
-            return scope[match.group(2)]
-    raise ValueError(f"{{{{ {expression} }}}} is not a construct this check renders")
-
-
 # ---- The check --------------------------------------------------------------------------------
 
 
@@ -603,10 +143,13 @@ def conversation(data_format: str, row: dict[str, Any]) -> list[Message]:
     (an `input` has no place in a chat message: inference prompts have none), DPO's prompt and
     chosen answer, chat's messages."""
     if data_format == "chat":
-        return [_m(m["role"], m["content"]) for m in row["messages"]]
+        return [chat_message(m["role"], m["content"]) for m in row["messages"]]
     if data_format == "dpo":
-        return [_m("user", row["prompt"]), _m("assistant", row["chosen"])]
-    return [_m("user", row["instruction"]), _m("assistant", row["output"] or "")]
+        return [chat_message("user", row["prompt"]), chat_message("assistant", row["chosen"])]
+    return [
+        chat_message("user", row["instruction"]),
+        chat_message("assistant", row["output"] or ""),
+    ]
 
 
 def training_text(data_format: str, row: dict[str, Any], tokenizer: Any) -> str:
@@ -785,7 +328,7 @@ def _ollama_problems(
             continue
         prompt = messages[:-1]
         if system and not (prompt and prompt[0]["role"] == "system"):
-            prompt = [_m("system", system), *prompt]
+            prompt = [chat_message("system", system), *prompt]
         problems += _prompt_problems(
             f"{where}'s TEMPLATE", render, [*prompt, messages[-1]], unbegun
         )

@@ -117,7 +117,7 @@ class TransformersRunner:
         return new
 
     def close(self) -> None:
-        from llm_finetune.verify import free_memory
+        from llm_finetune.verify_memory import free_memory
 
         del self.model
         gc.collect()

@@ -26,9 +26,9 @@ from llm_finetune.exports.formats import (
     MERGED_4BIT,
     MERGED_16BIT,
     Limits,
-    display_name,
     is_gguf,
     kind_of,
+    table,
 )
 from llm_finetune.manifest import file_table, fingerprint, read_manifest, write_manifest
 from llm_finetune.runlog import log
@@ -405,7 +405,8 @@ def _shipped_beside_gguf(config: Config, merged: Path, tokenizer: Any, folder: P
     """Write the Ollama files into the GGUF folder (its Modelfile runs the file most people
     pull: q4_k_m when made, else the first type asked for); return, with the merged folder's
     chat template and EOS ids, what the consistency check compares with training."""
-    from llm_finetune.exports.prompt_format import ollama_files, shipped_by_folder
+    from llm_finetune.exports.ollama import ollama_files
+    from llm_finetune.exports.prompt_format import shipped_by_folder
 
     types = config.export.gguf_types
     main = "q4_k_m" if "q4_k_m" in types else types[0]
@@ -451,43 +452,6 @@ def _tokenizer_problems(texts: list[str], tokenizer: Any, runner: Any) -> list[s
 def publish_folder(out: Path, kind: str) -> Path:
     """The folder published as `kind`'s repo: the GGUF files together, one folder otherwise."""
     return out / EXPORTS / (GGUF_FOLDER if kind == "gguf" else kind)
-
-
-TABLE_HEADER = [
-    "format",
-    "file(s)",
-    "bytes",
-    "perplexity",
-    "KL vs 16-bit",
-    "top-1 agreement",
-    "stops at EOS",
-    "check",
-]
-
-
-def table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """The size/quality table, header first: the same in the summary, the log and the cards."""
-    lines = [TABLE_HEADER]
-    for row in rows:
-        m, files = row["measured"], row["files"]
-        measured = [f"{m['perplexity']:.4g}", f"{m['kl']:.3g}", f"{m['top1']:.1%}"] if m else []
-        lines.append(
-            [
-                display_name(row["format"]),
-                Path(files[0]).name if len(files) == 1 else f"{len(files)} files" if files else "-",
-                f"{row['bytes'] / 1e6:,.2f} MB",
-                *(measured or ["-", "-", "-"]),
-                m.get("stops_at_eos", "-"),
-                "passed" if row["passed"] else "rejected: " + "; ".join(row["problems"]),
-            ]
-        )
-    return lines
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header, *body = table(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def _shown(file: Path, out: Path) -> str:

@@ -5,12 +5,14 @@ It speaks enough of the Hub's protocol for the real, unpatched ``huggingface_hub
 Point clients at it with ``HF_ENDPOINT=<server.url>`` and ``HF_HUB_DISABLE_XET=1`` (only the
 legacy git-LFS upload protocol is implemented, not Xet).
 
-Modules: ``server`` (HTTP plumbing, authentication, :class:`HubServer`), ``routes`` (the API
-endpoints), ``storage`` (repos, commits and objects on disk, surviving restarts) and ``faults``
-(failures injected by tests). Only stdlib is used so the server can run in any environment the
+Modules, from the top down: ``server`` (HTTP plumbing, authentication, :class:`HubServer`),
+``routes`` (the API endpoints), ``faults`` (failures injected by tests), ``request`` (what an
+endpoint may use of its request) and ``storage`` (repos, commits and objects on disk,
+surviving restarts). Only stdlib is used so the server can run in any environment the
 project runs in.
 """
 
-from llm_finetune.hub_server.server import HubServer, HubUser, serve_forever
+from llm_finetune.hub_server.request import HubUser
+from llm_finetune.hub_server.server import HubServer, serve_forever
 
 __all__ = ["HubServer", "HubUser", "serve_forever"]

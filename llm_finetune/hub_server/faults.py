@@ -11,13 +11,11 @@ replying (:func:`before_reply`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from llm_finetune.hub_server.errors import INVALID_CREDENTIALS, HangUp, HubError
-
-if TYPE_CHECKING:
-    from llm_finetune.hub_server.server import Handler
 
 FaultAction = Literal["status", "drop", "stall", "stall_reply", "lose_reply"]
 FAULT_ACTIONS = ("status", "drop", "stall", "stall_reply", "lose_reply")
@@ -56,7 +54,22 @@ class Fault:
         return self.fired.wait(timeout)
 
 
-def before_routing(req: Handler) -> None:
+class _Counters(Protocol):
+    def _count(self, key: str, n: int = 1) -> None: ...
+
+
+class FaultedRequest(Protocol):
+    """What a fault reads and sets on the request it claimed (the handler in ``server``)."""
+
+    fault: Fault | None
+    tripwire: int | None
+    body_pending: bool
+    hub: _Counters
+
+    def iter_body(self) -> Iterator[bytes]: ...
+
+
+def before_routing(req: FaultedRequest) -> None:
     """Act on the request's claimed fault; body-offset faults arm the request's tripwire instead."""
     fault = req.fault
     assert fault is not None
@@ -73,7 +86,7 @@ def before_routing(req: Handler) -> None:
             req.tripwire = fault.after_bytes  # fires in Handler._read_exact or at the body end
 
 
-def trip(req: Handler) -> None:
+def trip(req: FaultedRequest) -> None:
     """The body offset was reached: drop the connection, or stall and carry on."""
     fault, req.tripwire = req.fault, None
     assert fault is not None
@@ -83,7 +96,7 @@ def trip(req: Handler) -> None:
     _stall(fault)
 
 
-def before_reply(req: Handler) -> None:
+def before_reply(req: FaultedRequest) -> None:
     """A handled request's reply is delayed or lost (``stall_reply`` / ``lose_reply``)."""
     fault = req.fault
     if fault is not None and fault.action in ("stall_reply", "lose_reply"):
@@ -93,7 +106,7 @@ def before_reply(req: Handler) -> None:
         _stall(fault)
 
 
-def _fire(req: Handler, fault: Fault) -> None:
+def _fire(req: FaultedRequest, fault: Fault) -> None:
     fault.fired.set()
     req.hub._count("faults_fired")
 

@@ -14,10 +14,11 @@ import hmac
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 from llm_finetune.hub_server.errors import HubError
+from llm_finetune.hub_server.request import HubUser, Request
 from llm_finetune.hub_server.storage import (
     CHUNK,
     COMMIT_RE,
@@ -32,16 +33,13 @@ from llm_finetune.hub_server.storage import (
     lfs_pointer,
 )
 
-if TYPE_CHECKING:
-    from llm_finetune.hub_server.server import Handler, HubUser
-
 logger = logging.getLogger(__name__)
 
 REGULAR_MAX_SIZE = 1 << 20
 _BRANCH_RE = re.compile(r"^(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
 
-def route(req: Handler, s: list[str]) -> None:
+def route(req: Request, s: list[str]) -> None:
     """Answer one authenticated request; ``s`` is its URL path, split at "/" and unquoted."""
     m = req.command
     if s[:1] == ["api"]:
@@ -70,7 +68,7 @@ def _repo_from(parts: list[str]) -> Repo | None:
     return None
 
 
-def _route_api(req: Handler, s: list[str]) -> None:
+def _route_api(req: Request, s: list[str]) -> None:
     m = req.command
     if s == ["whoami-v2"] and m == "GET":
         return _whoami(req)
@@ -110,7 +108,7 @@ def _route_api(req: Handler, s: list[str]) -> None:
     raise _unknown(req)
 
 
-def _unknown(req: Handler) -> HubError:
+def _unknown(req: Request) -> HubError:
     request = f"{req.command} {req.url_path}"
     logger.debug("Unknown route: %s", request)
     req.hub._record_unknown(request)
@@ -118,11 +116,11 @@ def _unknown(req: Handler) -> HubError:
 
 
 # -- access checks
-def _is_member(req: Handler, ns: str) -> bool:
+def _is_member(req: Request, ns: str) -> bool:
     return req.user is not None and ns in (req.user.name, *req.user.orgs)
 
 
-def _require_write(req: Handler, ns: str) -> HubUser:
+def _require_write(req: Request, ns: str) -> HubUser:
     if req.user is None:
         raise HubError(401, "You must be authenticated to write to the Hub")
     if not req.user.can_write:
@@ -132,19 +130,19 @@ def _require_write(req: Handler, ns: str) -> HubUser:
     return req.user
 
 
-def _readable(req: Handler, repo: Repo) -> dict[str, Any]:
+def _readable(req: Request, repo: Repo) -> dict[str, Any]:
     meta = req.store.repo_meta(repo)
     if meta is None or (meta["private"] and not _is_member(req, repo.ns)):
         raise HubError(404, "Repository not found", "RepoNotFound")  # private looks missing
     return meta
 
 
-def _writable(req: Handler, repo: Repo) -> HubUser:
+def _writable(req: Request, repo: Repo) -> HubUser:
     _readable(req, repo)
     return _require_write(req, repo.ns)
 
 
-def _commit_at(req: Handler, repo: Repo, rev: str) -> tuple[str, dict[str, Any]]:
+def _commit_at(req: Request, repo: Repo, rev: str) -> tuple[str, dict[str, Any]]:
     oid = req.store.resolve(repo, rev)
     commit = req.store.commit(repo, oid) if oid else None
     if commit is None:
@@ -153,7 +151,7 @@ def _commit_at(req: Handler, repo: Repo, rev: str) -> tuple[str, dict[str, Any]]
 
 
 # -- account and repos
-def _whoami(req: Handler) -> None:
+def _whoami(req: Request) -> None:
     if (u := req.user) is None:
         raise HubError(401, "Invalid username or password.")
     role = "write" if u.can_write else "read"
@@ -171,7 +169,7 @@ def _whoami(req: Handler) -> None:
     )
 
 
-def _repo_payload(req: Handler) -> tuple[Repo, dict[str, Any]]:
+def _repo_payload(req: Request) -> tuple[Repo, dict[str, Any]]:
     body = req.read_json()
     rtype = body.get("type") or "model"
     if req.user is None:
@@ -183,7 +181,7 @@ def _repo_payload(req: Handler) -> tuple[Repo, dict[str, Any]]:
     return Repo(rtype, ns, name), body
 
 
-def _create_repo(req: Handler) -> None:
+def _create_repo(req: Request) -> None:
     repo, body = _repo_payload(req)
     user = _require_write(req, repo.ns)
     private = body.get("private")
@@ -195,14 +193,14 @@ def _create_repo(req: Handler) -> None:
     req.send_json({"url": url, "name": repo.id, "id": meta["id"]})
 
 
-def _delete_repo(req: Handler) -> None:
+def _delete_repo(req: Request) -> None:
     repo, _ = _repo_payload(req)
     _writable(req, repo)
     req.store.delete_repo(repo)
     req.send_json({})
 
 
-def _repo_info(req: Handler, repo: Repo, rev: str) -> None:
+def _repo_info(req: Request, repo: Repo, rev: str) -> None:
     meta = _readable(req, repo)
     oid, commit = _commit_at(req, repo, rev)
     siblings = []
@@ -238,7 +236,7 @@ def _repo_info(req: Handler, repo: Repo, rev: str) -> None:
     req.send_json(info)
 
 
-def _refs(req: Handler, repo: Repo) -> None:
+def _refs(req: Request, repo: Repo) -> None:
     _readable(req, repo)
     refs = req.store.refs(repo)
     branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in refs.items()]
@@ -248,7 +246,7 @@ def _refs(req: Handler, repo: Repo) -> None:
     req.send_json(out)
 
 
-def _branch(req: Handler, repo: Repo, branch: str) -> None:
+def _branch(req: Request, repo: Repo, branch: str) -> None:
     _writable(req, repo)
     if req.command == "DELETE":
         if branch == DEFAULT_BRANCH:
@@ -262,7 +260,7 @@ def _branch(req: Handler, repo: Repo, branch: str) -> None:
     req.send_json({})
 
 
-def _commits(req: Handler, repo: Repo, rev: str) -> None:
+def _commits(req: Request, repo: Repo, rev: str) -> None:
     _readable(req, repo)
     oid: str | None = _commit_at(req, repo, rev)[0]
     out = []
@@ -281,7 +279,7 @@ def _commits(req: Handler, repo: Repo, rev: str) -> None:
 
 
 # -- listing
-def _tree(req: Handler, repo: Repo, rev: str, path: str) -> None:
+def _tree(req: Request, repo: Repo, rev: str, path: str) -> None:
     _readable(req, repo)
     files = _commit_at(req, repo, rev)[1]["files"]
     path = path.strip("/")
@@ -299,7 +297,7 @@ def _tree(req: Handler, repo: Repo, rev: str, path: str) -> None:
     req.send_json([_dir_entry(d, files) for d in sorted(dirs)] + out)
 
 
-def _paths_info(req: Handler, repo: Repo, rev: str) -> None:
+def _paths_info(req: Request, repo: Repo, rev: str) -> None:
     _readable(req, repo)
     if "json" in req.headers.get("Content-Type", ""):
         paths = req.read_json().get("paths", [])
@@ -317,7 +315,7 @@ def _paths_info(req: Handler, repo: Repo, rev: str) -> None:
 
 
 # -- uploads
-def _preupload(req: Handler, repo: Repo, rev: str) -> None:
+def _preupload(req: Request, repo: Repo, rev: str) -> None:
     _writable(req, repo)
     body = req.read_json()
     head, commit = _commit_at(req, repo, rev)
@@ -334,7 +332,7 @@ def _preupload(req: Handler, repo: Repo, rev: str) -> None:
     req.send_json({"files": out, "commitOid": head})
 
 
-def _lfs_batch(req: Handler, repo: Repo) -> None:
+def _lfs_batch(req: Request, repo: Repo) -> None:
     _writable(req, repo)
     body = req.read_json()
     if body.get("operation") != "upload":
@@ -363,7 +361,7 @@ def _lfs_batch(req: Handler, repo: Repo) -> None:
     req.send_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
 
 
-def _lfs_object(req: Handler, repo: Repo, oid: str, size_str: str) -> None:
+def _lfs_object(req: Request, repo: Repo, oid: str, size_str: str) -> None:
     """PUT uploads (the signed href is the authorisation: no token is sent); POST verifies."""
     sig = req.query.get("sig", [""])[-1]
     if not hmac.compare_digest(sig, req.hub._sign(f"{repo.type}/{repo.id}/{oid}/{size_str}")):
@@ -385,7 +383,7 @@ def _lfs_object(req: Handler, repo: Repo, oid: str, size_str: str) -> None:
     raise _unknown(req)
 
 
-def _commit(req: Handler, repo: Repo, rev: str) -> None:
+def _commit(req: Request, repo: Repo, rev: str) -> None:
     user = _writable(req, repo)
     if req.flag("create_pr"):
         raise HubError(400, "Pull requests are not supported by this local Hub")
@@ -418,7 +416,7 @@ def _commit(req: Handler, repo: Repo, rev: str) -> None:
     )
 
 
-def _regular_file(req: Handler, value: dict[str, Any]) -> dict[str, Any]:
+def _regular_file(req: Request, value: dict[str, Any]) -> dict[str, Any]:
     try:
         content = value.get("content", "")
         data = (
@@ -436,7 +434,7 @@ def _regular_file(req: Handler, value: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _lfs_file(req: Handler, repo: Repo, path: str, value: dict[str, Any]) -> dict[str, Any]:
+def _lfs_file(req: Request, repo: Repo, path: str, value: dict[str, Any]) -> dict[str, Any]:
     oid = str(value.get("oid"))
     if not req.store.has_lfs(repo, oid):
         raise HubError(422, f"LFS object {oid} for {path!r} was never uploaded to this repo")
@@ -452,7 +450,7 @@ def _lfs_file(req: Handler, repo: Repo, path: str, value: dict[str, Any]) -> dic
 
 
 # -- downloads
-def _resolve(req: Handler, repo: Repo, rev: str, path: str) -> None:
+def _resolve(req: Request, repo: Repo, rev: str, path: str) -> None:
     _readable(req, repo)
     oid, commit = _commit_at(req, repo, rev)
     headers = {"X-Repo-Commit": oid}

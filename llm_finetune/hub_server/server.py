@@ -20,7 +20,6 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from llm_finetune.hub_server import faults
 from llm_finetune.hub_server.errors import INVALID_CREDENTIALS, HangUp, HubError
 from llm_finetune.hub_server.faults import FAULT_ACTIONS, Fault, FaultAction
+from llm_finetune.hub_server.request import HubUser
 from llm_finetune.hub_server.routes import route
 from llm_finetune.hub_server.storage import CHUNK, Store
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 256 << 20  # in-memory request bodies (JSON, commits); LFS uploads stream to disk
-
-
-@dataclass(frozen=True)
-class HubUser:
-    """An account known to the server; ``users`` maps bearer tokens to these."""
-
-    name: str
-    orgs: tuple[str, ...] = ()  # orgs this user can write to
-    can_write: bool = True  # False = a read-only token
 
 
 DEMO_USER = HubUser("demo")
