@@ -1,4 +1,4 @@
-"""`llm-finetune run|train|merge|verify|export|publish|validate|runs|hub-server`.
+"""`llm-finetune run|train|merge|verify|export|publish|validate|runs|hub-server|schema`.
 
 Examples:
   llm-finetune validate configs/tiny-llama/sft.yaml
@@ -11,6 +11,7 @@ Examples:
   llm-finetune publish --folder merged --repo-id you/model
   llm-finetune hub-server --port 8765 --storage /tmp/hub
   llm-finetune runs outputs
+  llm-finetune schema
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def _merged_tokenizer(merged: str):
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Exports of a finished run (CONFIG) or of any merged folder (--merged), each checked."""
-    from llm_finetune.exports.stage import export_all, table
+    from llm_finetune.exports.formats import table
+    from llm_finetune.exports.stage import export_all
 
     if (args.config is None) == (args.merged is None):
         raise UserError("export: pass either a CONFIG of a finished run or --merged DIR")
@@ -277,11 +279,25 @@ def cmd_hub_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """configs/schema.json, the JSON schema editors check and complete the configs with."""
+    from llm_finetune.schema import schema_text, write_schema
+
+    if args.output == "-":
+        sys.stdout.write(schema_text())
+        return 0
+    write_schema(Path(args.output).expanduser())
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-finetune",
         description="LoRA fine-tuning from YAML, 16-bit merge, merge check, Hub publishing.",
-        epilog="examples:" + __doc__.split("Examples:", 1)[1] + "\nConfig reference: README.md",
+        epilog="examples:"
+        + __doc__.split("Examples:", 1)[1]
+        + "\nConfig reference: docs/configuration.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Where a bug's log file goes: set by the commands that have an output folder.
@@ -363,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--storage", required=True, help="folder where repos are stored")
     p.set_defaults(func=cmd_hub_server)
+
+    p = sub.add_parser("schema", help="write configs/schema.json, the configs' JSON schema")
+    p.add_argument(
+        "--output",
+        default="configs/schema.json",
+        metavar="PATH",
+        help="default: configs/schema.json (the configs' first line points there); - for stdout",
+    )
+    p.set_defaults(func=cmd_schema)
     return parser
 
 

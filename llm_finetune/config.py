@@ -35,7 +35,13 @@ DEFAULT_VERIFY_PROMPT = "Write a paragraph to introduce supervised fine-tuning."
 
 class _Strict(BaseModel):
     # coerce_numbers_to_str: `model.revision=20240101` on the command line is a string.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # use_attribute_docstrings: a field's docstring is its description in configs/schema.json.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        use_attribute_docstrings=True,
+    )
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -46,7 +52,8 @@ Tracker = Literal["tensorboard", "wandb", "comet_ml", "mlflow", "trackio", "none
 class ModelConfig(_Strict):
     """The base model to fine-tune."""
 
-    name: str = Field(min_length=1)  # Hub id, local folder, or builtin:tiny-llama
+    name: str = Field(min_length=1)
+    """Hub id, local folder, or builtin:tiny-llama."""
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_seq_length: int = Field(2048, ge=8)
@@ -56,6 +63,8 @@ class ModelConfig(_Strict):
 
 
 class LoraConfig(_Strict):
+    """The LoRA adapter: rank, scale (alpha/r), dropout and the modules it wraps."""
+
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -79,11 +88,15 @@ class DatasetSource(_Strict):
 
     path: str = Field(min_length=1)
     split: str = "train"
-    name: str | None = None  # Hub dataset config name
-    columns: dict[str, str] = Field(default_factory=dict)  # our column -> the file's column
+    name: str | None = None
+    """Hub dataset config name."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Our column name -> the file's column name, e.g. {output: answer}."""
 
 
 class DataConfig(_Strict):
+    """The training data: its sources, their format and the held-out split."""
+
     datasets: list[DatasetSource] = Field(min_length=1)
     format: Literal["alpaca", "chat", "dpo"] = "alpaca"
     test_size: float = Field(0.0, ge=0, lt=1)
@@ -92,6 +105,8 @@ class DataConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
+    """The trainer's settings (transformers / trl names)."""
+
     learning_rate: PositiveFloat = 3e-4
     num_train_epochs: PositiveFloat = 3
     max_steps: int = Field(-1, ge=-1)
@@ -103,16 +118,20 @@ class TrainingConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 0
     logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(200, ge=1)  # trainer checkpoints: a re-run resumes from the last one
+    save_steps: int = Field(200, ge=1)
+    """A trainer checkpoint every N steps: a re-run resumes from the last one."""
     packing: bool = False
     gradient_checkpointing: bool = False
-    # DPO only
     beta: PositiveFloat = 0.1
+    """DPO only: the strength of the preference loss."""
     max_length: int | None = Field(None, ge=8)
+    """DPO only: the longest prompt + answer, in tokens."""
     max_prompt_length: int | None = Field(None, ge=1)
-    # Where the curves go: tensorboard writes into <output_dir>/tensorboard
+    """DPO only: longer prompts keep their end."""
     report_to: list[Tracker] = Field(default_factory=lambda: ["tensorboard"], min_length=1)
-    eval_steps: int | None = Field(None, ge=1)  # with data.test_size > 0; None: logging_steps
+    """Where the curves go: tensorboard writes into <output_dir>/tensorboard."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Evaluate every N steps, with data.test_size > 0; null: every logging_steps."""
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -129,6 +148,8 @@ class TrainingConfig(_Strict):
 
 
 class MergeConfig(_Strict):
+    """The merge of the adapter into the 16-bit base ("merged_16bit")."""
+
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
@@ -146,12 +167,14 @@ def memory_size(text: str) -> int:
 
 
 class VerifyConfig(_Strict):
+    """The merge check: the merged model against base + adapter, on the prompts."""
+
     enabled: bool = True
     prompts: list[str] = Field(default_factory=lambda: [DEFAULT_VERIFY_PROMPT])
     max_new_tokens: int = Field(32, ge=1)
-    # The most memory (GPUs and RAM together) the check may hold, e.g. "24GB"; None: what the
-    # machine has free. Below what the whole model needs, it runs with bounded memory.
     max_memory: str | None = None
+    """The most memory (GPUs and RAM together) the check may hold, e.g. "24GB"; null: what the
+    machine has free. Below what the whole model needs, it runs with bounded memory."""
 
     @model_validator(mode="after")
     def _max_memory_is_a_size(self) -> VerifyConfig:
@@ -161,19 +184,24 @@ class VerifyConfig(_Strict):
 
 
 class PublishConfig(_Strict):
+    """Where the merged model is published: the Hub or a Hub-compatible server."""
+
     enabled: bool = False
     repo_id: str | None = None
-    # None: the Hub (or HF_ENDPOINT); "local": a Hub-compatible server started on 127.0.0.1
-    # for this run; otherwise the URL of a Hub-compatible server.
     endpoint: str | None = None
+    """null: the Hub (or HF_ENDPOINT); "local": a Hub-compatible server started on 127.0.0.1
+    for this run; otherwise the URL of a Hub-compatible server."""
     private: bool = False
     revision: str = "main"
     commit_message: str | None = None
     license: str | None = None
     tags: list[str] = Field(default_factory=list)
-    load_back: bool = True  # download the published model by repo id and generate from it
-    replace_readme: bool = False  # an existing repo's README.md is kept unless this is true
-    adapter_repo_id: str | None = None  # also publish the LoRA adapter itself, to this repo
+    load_back: bool = True
+    """Download the published model by repo id and generate from it."""
+    replace_readme: bool = False
+    """An existing repo's README.md is kept unless this is true."""
+    adapter_repo_id: str | None = None
+    """Also publish the LoRA adapter itself, to this repo."""
 
     @model_validator(mode="after")
     def _repo_id_when_enabled(self) -> PublishConfig:
@@ -203,18 +231,21 @@ class ExportConfig(_Strict):
 
     formats: list[str] = Field(default_factory=lambda: [MERGED_16BIT])
     limits: dict[str, ExportLimits] = Field(default_factory=dict)
-    # The held-out rows every format is checked on, and how many tokens of each.
     check_rows: int = Field(32, ge=1)
+    """The held-out rows every format is checked on."""
     check_max_tokens: int = Field(256, ge=8)
-    # Greedy generation per prompt, to see whether it stops where the 16-bit model stops.
+    """The tokens of each held-out row the check keeps."""
     check_max_new_tokens: int = Field(64, ge=1)
-    # llama.cpp's name for the tokenizer's pre-tokenizer, needed only when its converter does
-    # not recognise a BPE tokenizer (one trained locally, like the demo's).
+    """Greedy generation per prompt, to see whether it stops where the 16-bit model stops."""
     gguf_pre_tokenizer: str | None = None
-    # Where each kind is published when publish.enabled (default: publish.repo_id + suffix).
-    gguf_repo_id: str | None = None  # <repo_id>-GGUF
-    merged_4bit_repo_id: str | None = None  # <repo_id>-bnb-4bit
-    fp32_repo_id: str | None = None  # <repo_id>-fp32
+    """llama.cpp's name for the tokenizer's pre-tokenizer, needed only when its converter does
+    not recognise a BPE tokenizer (one trained locally, like the demo's)."""
+    gguf_repo_id: str | None = None
+    """Where the GGUF files are published when publish.enabled (default: <repo_id>-GGUF)."""
+    merged_4bit_repo_id: str | None = None
+    """Where merged_4bit is published when publish.enabled (default: <repo_id>-bnb-4bit)."""
+    fp32_repo_id: str | None = None
+    """Where fp32 is published when publish.enabled (default: <repo_id>-fp32)."""
 
     @model_validator(mode="after")
     def _known_formats(self) -> ExportConfig:
@@ -247,8 +278,12 @@ class ExportConfig(_Strict):
 
 
 class Config(_Strict):
+    """An llm-finetune config: configs/<model>/<method>.yaml."""
+
     run_name: str = Field(min_length=1, pattern=r"^[\w.-]+$")
-    output_dir: str | None = None  # default: outputs/<run_name>
+    """Names the run and the default output folder."""
+    output_dir: str | None = None
+    """Where adapter, merged model and summary go; null: outputs/<run_name>."""
     backend: Literal["auto", "hf", "unsloth"] = "auto"
     method: Literal["sft", "dpo"] = "sft"
     overwrite: bool = False
@@ -353,7 +388,7 @@ def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(p) for p in error["loc"]) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"{path}: unknown key (check the spelling; see README, Config reference)"
+        return f"{path}: unknown key (check the spelling; see docs/configuration.md)"
     if kind == "missing":
         return f"{path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")

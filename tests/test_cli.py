@@ -24,6 +24,8 @@ SUBCOMMAND_OPTIONS: dict[str, list[str]] = {
     ],
     "hub-server": ["--port", "--storage"],
     "runs": ["folder", "default: outputs"],
+    "export": ["config", "--merged", "--format", "--data", "--output", "--gguf-pre-tokenizer"],
+    "schema": ["--output", "default: configs/schema.json"],
 }
 
 
@@ -117,7 +119,7 @@ def test_validate_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     captured = capsys.readouterr()
     assert captured.err == (
         "error: config error: lora.rr: unknown key (check the spelling; "
-        "see README, Config reference)\n"
+        "see docs/configuration.md)\n"
     )
     assert run_main(["validate", str(config), "lora={}", "training.max_steps=3"]) == 0
     assert capsys.readouterr().out.startswith(f"{config}: ok (run_name=t, method=sft, ")

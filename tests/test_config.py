@@ -124,12 +124,12 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown nested key",
         {"lora": {"rr": 8}},
-        "lora.rr: unknown key (check the spelling; see README, Config reference)",
+        "lora.rr: unknown key (check the spelling; see docs/configuration.md)",
     ),
     (
         "unknown top-level key",
         {"learning_rate": 1e-4},
-        "learning_rate: unknown key (check the spelling; see README, Config reference)",
+        "learning_rate: unknown key (check the spelling; see docs/configuration.md)",
     ),
     (
         "wrong type int",
@@ -236,7 +236,7 @@ def test_several_errors_reported_together(tmp_path: Path) -> None:
         "lora.r: Input should be greater than or equal to 1 (got 0); "
         "lora.dropout: Input should be less than 1 (got 1.0); "
         "training.learning_rate: Input should be greater than 0 (got -1); "
-        "epochs: unknown key (check the spelling; see README, Config reference)"
+        "epochs: unknown key (check the spelling; see docs/configuration.md)"
     )
 
 
@@ -359,7 +359,7 @@ def test_override_into_a_value_rejected(tmp_path: Path) -> None:
 
 def test_override_is_validated(tmp_path: Path) -> None:
     assert error_of(write_config(tmp_path), ["lora.rr=3", "training.learning_rate=0"]) == (
-        "config error: lora.rr: unknown key (check the spelling; see README, Config reference); "
+        "config error: lora.rr: unknown key (check the spelling; see docs/configuration.md); "
         "training.learning_rate: Input should be greater than 0 (got 0)"
     )
 
@@ -450,7 +450,7 @@ def _cli_validate(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
             {"lora": {"rr": 8}},
             [],
             "error: config error: lora.rr: unknown key (check the spelling; "
-            "see README, Config reference)",
+            "see docs/configuration.md)",
         ),
         (
             {},
