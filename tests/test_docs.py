@@ -1,8 +1,10 @@
-"""The README, the configs' header comments and the CLI's examples stay true: every command
-in them parses with the real CLI and names configs that exist and validate, every `make` line
-is a real target (`make -n`, which prints and runs nothing), every shipped config validates,
-and every config key has a row in the README's reference table. Commands nobody runs drift
-(the alignment-handbook's README did); these tests run them, without loading any model.
+"""The README, the pages under docs/, the configs' header comments and the CLI's examples
+stay true: every command in them parses with the real CLI and names configs that exist and
+validate, every `make` line is a real target (`make -n`, which prints and runs nothing), every
+shipped config validates, every config key has a row in docs/configuration.md and every key
+a page names is a real one, and every link between the pages leads somewhere. Commands nobody
+runs drift (the alignment-handbook's README did); these tests run them, without loading any
+model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from llm_finetune.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+DOC_PAGES = sorted((REPO_ROOT / "docs").glob("*.md"))
+PAGES = {"README.md": README} | {f"docs/{p.name}": p.read_text(encoding="utf-8") for p in DOC_PAGES}
+REFERENCE = PAGES["docs/configuration.md"]
 CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*/*.yaml"))
 # configs/<model>/<method>.yaml; configs/accelerate/ holds accelerate's own configs.
 CONFIGS = [p for p in CONFIG_FILES if p.parent.name != "accelerate"]
@@ -106,7 +111,7 @@ def _commands(texts: list[str]) -> list[list[str]]:
 
 
 _SOURCES = [
-    ("README.md", _fenced_lines(README) + _inline_commands(README)),
+    *((name, _fenced_lines(text) + _inline_commands(text)) for name, text in PAGES.items()),
     ("llm_finetune/cli.py", cli.__doc__.split("Examples:", 1)[1].splitlines()),  # and --help
 ] + [(_relative(p), _header_commands(p)) for p in CONFIG_FILES]
 DOCUMENTED = [  # each command once per source
@@ -175,7 +180,11 @@ def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_docs_hold_the_commands_checked_here() -> None:
     readme = [argv for source, argv in DOCUMENTED if source == "README.md"]
     assert ["make", "finetune-and-publish"] in readme
+    assert ["make", "test"] in readme
     assert any(argv[1:2] == ["validate"] for argv in readme)
+    # The pages that show commands have theirs checked (the others describe, in prose).
+    for page in ("docs/scaling-out.md", "docs/development.md", "docs/exports.md"):
+        assert any(source == page for source, _ in DOCUMENTED), page
     for path in CONFIGS:
         assert any(source == _relative(path) for source, _ in DOCUMENTED), path
 
@@ -252,13 +261,13 @@ def _config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _reference_rows() -> dict[str, str]:
-    """The README's Config reference table: each key of a row's first column, with the row.
+def _key_rows(markdown: str, heading: str) -> dict[str, str]:
+    """The key table under `heading`: each key of a row's first column, with the row.
 
     A row may name several keys of one section (`training.optim`, `weight_decay`): a bare
     name takes the section of the first.
     """
-    section = README.split("\n## Config reference\n", 1)[1].split("\n## ", 1)[0]
+    section = markdown.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, str] = {}
     for row in section.splitlines():
         if not row.startswith("| `"):
@@ -268,6 +277,10 @@ def _reference_rows() -> dict[str, str]:
         for name in names:
             rows[name if "." in name or not prefix else f"{prefix}.{name}"] = row
     return rows
+
+
+def _reference_rows() -> dict[str, str]:
+    return _key_rows(REFERENCE, "## Every key")
 
 
 def test_every_config_key_is_in_the_reference_table() -> None:
@@ -281,11 +294,44 @@ def test_every_config_key_is_in_the_reference_table() -> None:
     assert missing == []
 
 
-def test_the_reference_table_names_only_config_keys() -> None:
+@pytest.mark.parametrize(
+    ("page", "heading"),
+    [("docs/configuration.md", "## Every key"), ("README.md", "## Config keys in brief")],
+)
+def test_key_tables_name_only_config_keys(page: str, heading: str) -> None:
     keys = _config_keys(Config)
     stale = [
         name
-        for name in _reference_rows()
+        for name in _key_rows(PAGES[page], heading)
         if not any(key == name or key.startswith(f"{name}.") for key in keys)
     ]
     assert stale == []
+
+
+# --- the links between the pages -----------------------------------------------------------
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to -."""
+    outside_blocks = re.sub(r"^\s*```.*?^\s*```", "", markdown, flags=re.S | re.M)
+    headings = re.findall(r"^#+ (.+)$", outside_blocks, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_links_lead_to_a_page_and_heading_that_exist(page: str) -> None:
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", PAGES[page]):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        missing = linked not in PAGES and not (REPO_ROOT / linked).exists()
+        if missing or (anchor and linked in PAGES and anchor not in _anchors(PAGES[linked])):
+            broken.append(target)
+    assert broken == []
+
+
+def test_the_readme_leads_to_every_page() -> None:
+    unlinked = [p.name for p in DOC_PAGES if f"](docs/{p.name})" not in README]
+    assert unlinked == []
