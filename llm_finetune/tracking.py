@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from typing import TYPE_CHECKING, Any
@@ -33,11 +34,29 @@ PACKAGES = {
 # Where a tracker keeps its local files unless the user says otherwise: the output folder,
 # not the working directory.
 LOCAL_DIRS = {"wandb": ("WANDB_DIR", "."), "comet_ml": ("COMET_OFFLINE_DIRECTORY", "comet")}
+# transformers warns, at trl's import and at every save, that comet_ml has no API key whenever
+# comet_ml is installed (the dev extra installs it), even when report_to does not name it.
+COMET_KEY_NOTICE = "comet_ml is installed but the Comet API Key is not configured"
 
 
 def trackers(config: Config) -> list[str]:
     """`report_to` as TrainingArguments takes it: [] for "none"."""
     return [name for name in config.training.report_to if name != "none"]
+
+
+class _UnrequestedComet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(COMET_KEY_NOTICE)
+
+
+def quiet_unrequested_trackers(config: Config) -> None:
+    """Drop transformers' notice about Comet's API key when the run does not log to Comet: the
+    user cannot act on it. When it does, `check_trackers` has already asked for the key."""
+    if "comet_ml" in trackers(config):
+        return
+    integrations = logging.getLogger("transformers.integrations.integration_utils")
+    if not any(isinstance(f, _UnrequestedComet) for f in integrations.filters):
+        integrations.addFilter(_UnrequestedComet())
 
 
 def check_trackers(config: Config) -> str:

@@ -90,8 +90,9 @@ def training_arguments(config: Config, checkpoints: Path) -> Any:
     ZeRO-3's partitioned loading need at load time.
     """
     from llm_finetune.progress import bars_wanted
-    from llm_finetune.tracking import trackers
+    from llm_finetune.tracking import quiet_unrequested_trackers, trackers
 
+    quiet_unrequested_trackers(config)  # before trl's import, which sends the first notice
     t = config.training
     evaluates = config.data.test_size > 0
     common: dict[str, Any] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -128,6 +129,34 @@ def test_comet_without_an_api_key_is_refused_unless_offline(tmp_path, monkeypatc
         check_trackers(config)
     monkeypatch.setenv("COMET_START_ONLINE", "0")
     assert check_trackers(config) == "trackers: comet_ml"
+
+
+@pytest.mark.parametrize(("report_to", "shown"), [(["tensorboard"], False), (["comet_ml"], True)])
+def test_comet_key_notice_only_when_the_run_logs_to_comet(tmp_path, monkeypatch, report_to, shown):
+    """transformers says comet_ml lacks a key whenever it is installed; a run that does not log
+    to Comet must not show it, one that does keeps it."""
+    from transformers.integrations import integration_utils
+
+    from llm_finetune.tracking import quiet_unrequested_trackers
+
+    logger = logging.getLogger(integration_utils.__name__)
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.setattr(integration_utils, "_is_comet_installed", True)
+    monkeypatch.setattr(integration_utils, "_is_comet_recent_enough", True)
+    monkeypatch.setattr(integration_utils, "_is_comet_configured", False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        quiet_unrequested_trackers(tiny_config(tmp_path, training={"report_to": report_to}))
+        quiet_unrequested_trackers(tiny_config(tmp_path, training={"report_to": report_to}))
+        assert integration_utils.is_comet_available() is False
+    finally:
+        logger.removeHandler(handler)
+    notices = [r for r in records if "Comet API Key is not configured" in r.getMessage()]
+    assert len(notices) == (1 if shown else 0)
+    assert len(logger.filters) == (0 if shown else 1)  # added once, however often it is called
 
 
 # --- a run watched by TensorBoard, W&B and Comet, offline ------------------------------------
