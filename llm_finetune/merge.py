@@ -17,7 +17,6 @@ import contextlib
 import errno
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.adapter import HEAD, Adapter, LoraModule, read_adapter
-from llm_finetune.errors import UserError, abbreviated, first_line
+from llm_finetune.errors import UserError, first_line
 from llm_finetune.fsutil import (
     atomic_dir,
     check_free_disk,
@@ -33,23 +32,12 @@ from llm_finetune.fsutil import (
     looks_like_local_path,
     read_json_object,
 )
+from llm_finetune.tokenizer_files import copy_tokenizer, special_token_id
 
 DTYPES = ("bfloat16", "float16", "float32")
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 INDEX_FILE = "model.safetensors.index.json"
 EMBEDDING_SUFFIXES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
-TOKENIZER_FILES = {
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-}
 BASE_FILES = ["*.safetensors", "*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
@@ -67,6 +55,7 @@ class MergeReport:
     merged_from: str
     untied_embeddings: bool
     eos_fixes: list[str] = field(default_factory=list)
+    tokenizer_from_base: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -108,9 +97,9 @@ def merged_weight(
 # The base checkpoint
 
 
-def resolve_base_folder(base: str, revision: str | None) -> Path:
-    """A local folder as is; a Hub id downloaded once (weights, config, tokenizer). A name
-    that looks like a path (`./x`, `/x`, `x/`, an existing parent) is never looked up."""
+def resolve_base_folder(base: str, revision: str | None, patterns: list[str] = BASE_FILES) -> Path:
+    """A local folder as is; a Hub id downloaded once (`patterns`: weights, config, tokenizer).
+    A name that looks like a path (`./x`, `/x`, `x/`, an existing parent) is never looked up."""
     local = Path(base).expanduser()
     if local.is_dir():
         return local
@@ -123,7 +112,7 @@ def resolve_base_folder(base: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(base, revision=revision, allow_patterns=BASE_FILES))
+        return Path(snapshot_download(base, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the user needs the reason, in one line
         reason = first_line(exc)
         raise UserError(f"base {base!r}: cannot download it: {reason}") from None
@@ -491,56 +480,6 @@ def _write_config_and_generation(
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _special_token_id(folder: Path, name: str) -> int | None:
-    """The id of the tokenizer's `eos_token`/`pad_token`, read from its files."""
-    fix = f"copy the tokenizer files into {folder} again"
-    token = None
-    for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (folder / file).is_file():
-            token = read_json_object(folder / file, fix).get(name)
-            if token is not None:
-                break
-    if isinstance(token, dict):
-        token = token.get("content")
-    if token is None:
-        return None
-    if not isinstance(token, str):
-        raise UserError(
-            f"{folder}: the tokenizer's {name} is {abbreviated(token)}, not a token; {fix}"
-        )
-    try:
-        if (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(token)
-        from transformers import AutoTokenizer  # sentencepiece-only tokenizers
-
-        return AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(token)
-    except Exception as exc:  # a damaged tokenizer file, in the loader's words
-        raise UserError(
-            f"the tokenizer in {folder} does not load ({first_line(exc)}); {fix}"
-        ) from None
-
-
-def _copy_tokenizer(base_folder: Path, adapter: Path, staging: Path) -> Path | None:
-    """Copy the tokenizer files as trained (the adapter's, else the base's), byte for byte;
-    return the folder they came from (None when neither has a tokenizer)."""
-    source = next(
-        (f for f in (adapter, base_folder) if (f / "tokenizer_config.json").is_file()), None
-    )
-    if source is not None:
-        for path in source.iterdir():
-            if path.name in TOKENIZER_FILES or path.suffix == ".tiktoken":
-                try:
-                    shutil.copy2(path, staging / path.name)
-                except (FileNotFoundError, PermissionError) as exc:  # a dangling link, say
-                    raise UserError(
-                        f"cannot copy the tokenizer file {path} ({exc.strerror}); copy the "
-                        f"tokenizer files into {source} again"
-                    ) from None
-    return source
-
-
 def _merged_configs(
     base_folder: Path, base_config: dict[str, Any], dtype: str, untie: bool, tokenizer: Path | None
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -557,8 +496,8 @@ def _merged_configs(
     if tokenizer is None:
         fixes = ["no tokenizer in the adapter or the base: the merged folder has none"]
     else:
-        eos_id = _special_token_id(tokenizer, "eos_token")
-        fixes = align_eos(config, generation, eos_id, _special_token_id(tokenizer, "pad_token"))
+        eos_id = special_token_id(tokenizer, "eos_token")
+        fixes = align_eos(config, generation, eos_id, special_token_id(tokenizer, "pad_token"))
     return config, generation, fixes
 
 
@@ -615,7 +554,7 @@ def merge(
                     (staging / INDEX_FILE).write_text(
                         json.dumps(index, indent=2, sort_keys=True) + "\n"
                     )
-                tokenizer = _copy_tokenizer(base_folder, adapter, staging)
+                tokenizer, from_base = copy_tokenizer(base_folder, adapter, staging)
                 config, generation, fixes = _merged_configs(
                     base_folder, base_config, dtype, plan.untie, tokenizer
                 )
@@ -642,5 +581,6 @@ def merge(
         merged_from=f"original base weights ({'/'.join(base_dtype)}), in float32, cast to {dtype}",
         untied_embeddings=plan.untie,
         eos_fixes=fixes,
+        tokenizer_from_base=from_base,
         seconds=round(time.perf_counter() - start, 3),
     )

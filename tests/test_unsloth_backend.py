@@ -376,10 +376,11 @@ def test_the_pipeline_with_backend_unsloth_end_to_end(tmp_path):
     assert sum("by Unsloth" in title for title in pushed_titles) >= 1
     published = summary["published"]
     assert "README.md" in published["files"] and not published["readme_kept"]
-    # Unsloth pushed the verified folder's bytes: our last commit adds only the card and the
-    # curves it shows.
+    # Unsloth pushed the verified folder's bytes but for the tokenizer flags the merge pins
+    # (`complete_tokenizer`): our last commit adds those, the card and the curves it shows.
     sent = set(published["files"]) - set(published["unchanged"])
-    assert sent == {"README.md", "training-curves.png"}
+    assert sent == {"README.md", "training-curves.png", "tokenizer_config.json"}
+    assert summary["merge"]["tokenizer_from_base"] == ["add_bos_token=true", "add_eos_token=false"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert summary["load_back"]["generation"].strip()
 

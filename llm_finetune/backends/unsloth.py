@@ -310,6 +310,7 @@ class UnslothBackend:
         """model.save_pretrained_merged(..., "merged_16bit") into a staging folder, renamed in."""
         from llm_finetune.fsutil import atomic_dir
         from llm_finetune.merge import align_eos_in_folder, resolve_base_folder
+        from llm_finetune.tokenizer_files import BASE_TOKENIZER_PATTERNS, complete_tokenizer
 
         self.check_config(config)
         saver = saver_module(model)
@@ -337,6 +338,11 @@ class UnslothBackend:
             if not (stage / "config.json").is_file():
                 raise UserError(f"unsloth wrote no config.json into {stage}: nothing was merged")
             eos_fixes = align_eos_in_folder(stage, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            tokenizer_from_base = complete_tokenizer(
+                base_folder
+                or resolve_base_folder(base.path, base.revision, BASE_TOKENIZER_PATTERNS),
+                stage,
+            )
         files = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*"))
         stored = _safetensors_dtypes(output_dir)
         quantized = bool(getattr(getattr(model, "config", None), "quantization_config", None))
@@ -368,6 +374,7 @@ class UnslothBackend:
             or (not quantized and model_dtype in ("float32", "bfloat16")),
             "cpu_dtype_override": overridden,
             "eos_fixes": eos_fixes,
+            "tokenizer_from_base": tokenizer_from_base,
             "base_folder": str(base_folder) if base_folder else None,  # what the GPU merge read
         }
         if stored and stored != [config.merge.dtype]:

@@ -171,7 +171,7 @@ def write_merged_4bit(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from llm_finetune.fsutil import atomic_dir, check_free_disk
-    from llm_finetune.merge import TOKENIZER_FILES
+    from llm_finetune.tokenizer_files import is_tokenizer_file
 
     merged, target = Path(merged), Path(target)
     size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
@@ -189,7 +189,7 @@ def write_merged_4bit(
         model.save_pretrained(staging)
         del model
         for path in merged.iterdir():
-            if path.name in TOKENIZER_FILES or path.suffix == ".tiktoken":
+            if is_tokenizer_file(path.name):
                 shutil.copy2(path, staging / path.name)
         if (merged / "generation_config.json").is_file():
             shutil.copy2(merged / "generation_config.json", staging / "generation_config.json")
