@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune import __version__
+from llm_finetune.lora_targets import lands_on
 
 if TYPE_CHECKING:
     from llm_finetune.base_model import BaseModel
@@ -154,6 +155,11 @@ def card_rows(
         ("data format", config.data.format),
         ("LoRA r / alpha / dropout", f"{lora.r} / {lora.alpha} / {lora.dropout}"),
         ("LoRA target modules", lora.target_modules),
+        *(
+            [("LoRA lands on", lands_on(summary["lora_targets"]))]
+            if "lora_targets" in summary
+            else []
+        ),
         ("rsLoRA", lora.use_rslora),
         ("max_seq_length", config.model.max_seq_length),
         ("learning rate", t.learning_rate),

@@ -59,6 +59,8 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
             summary["backend"] = {"name": backend.name, "reason": checks.backend_reason}
             summary["base"] = checks.base.as_dict()
             summary["reused"] = checks.reuse.describe()
+            if checks.lora_targets is not None:
+                summary["lora_targets"] = checks.lora_targets.as_dict()
 
             model, tokenizer, trained = train_stage(config, checks, clock)
             if trained is not None:

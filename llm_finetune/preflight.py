@@ -22,6 +22,7 @@ from llm_finetune.runlog import log
 if TYPE_CHECKING:
     from llm_finetune.backends.base import Backend
     from llm_finetune.config import Config
+    from llm_finetune.lora_targets import LoraTargets
     from llm_finetune.resume import Reuse
 
 PUSH_STAGING = ".unsloth-push"  # in output_dir: a backend push's temporary copy of the model
@@ -35,6 +36,7 @@ class Preflight:
     raw_data: Any
     reuse: Reuse
     publish: PublishTarget | None = None
+    lora_targets: LoraTargets | None = None  # None: no training ahead, or not worked out
 
 
 def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Preflight:
@@ -65,11 +67,18 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
 
     reuse = inspect_outputs(config, until, base)
     log(f"    outputs: {reuse.describe()} ({out})")
+    targets = None
+    if reuse.adapter is None:  # training ahead
+        from llm_finetune.lora_targets import check_lora_targets
+
+        targets, lines = check_lora_targets(config, base)
+        for line in lines:
+            log(f"    {line}")
     from llm_finetune.data import load_raw
 
     raw = load_raw(config.data)
     log(f"    data: {len(raw)} rows from {len(config.data.datasets)} source(s)")
-    report = Preflight(base, backend, choice.reason, raw, reuse)
+    report = Preflight(base, backend, choice.reason, raw, reuse, lora_targets=targets)
     if launch:
         log(f"    {launch}")
     if not is_main_process():

@@ -61,6 +61,12 @@ def test_demo_runs_end_to_end_offline(tmp_path):
     assert "held-out loss / perplexity (40 rows): base" in done.stdout
     card = (out / "merged" / "README.md").read_text()
     assert "](training-curves.png)" in card and "## Before and after" in card
+    # What LoRA landed on, worked out in the preflight: in the summary and the card.
+    assert summary["lora_targets"]["touched"] == {
+        "attention": ["k_proj", "o_proj", "q_proj", "v_proj"],
+        "MLP": ["down_proj", "gate_proj", "up_proj"],
+    }
+    assert "| LoRA lands on | 14 modules: attention k_proj, o_proj, q_proj, v_proj; MLP" in card
     assert (out / "merged" / "training-curves.png").read_bytes() == (
         out / "training-curves.png"
     ).read_bytes()

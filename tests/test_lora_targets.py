@@ -1,0 +1,170 @@
+"""What LoRA lands on, worked out in the preflight from config.json alone (the model built on
+the meta device): the families whose targets peft rewrites or the default list misses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llm_finetune.base_model import BaseModel
+from llm_finetune.config import Config
+from llm_finetune.errors import UserError
+from llm_finetune.lora_targets import check_lora_targets, kind_of, plan_lora_targets
+from tests.conftest import tiny_config
+from tests.test_command_inputs import assert_one_error, run_cli
+
+DEFAULT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION = dict(num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
+# Distinct sizes: hidden 64, dense MLP 96, each expert 48.
+FAMILIES = {
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2),
+    "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, pad_token_id=0),
+    "qwen3_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        head_dim=32,
+    ),
+    "mixtral": dict(hidden_size=64, intermediate_size=48, num_local_experts=4, num_hidden_layers=2),
+    "gpt_oss": dict(
+        hidden_size=64,
+        intermediate_size=48,
+        num_local_experts=4,
+        num_hidden_layers=2,
+        head_dim=32,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+
+
+def base_config(tmp_path, family: str) -> BaseModel:
+    """A base folder with only config.json: the plan reads no weights."""
+    folder = tmp_path / family
+    AutoConfig.for_model(family, **ATTENTION, **FAMILIES[family]).save_pretrained(folder)
+    return BaseModel(name=str(folder), path=str(folder))
+
+
+def run_config(target_modules) -> Config:
+    return tiny_config(Path("unused"), lora={"target_modules": target_modules})
+
+
+def test_a_dense_family_is_described_by_kind(tmp_path):
+    targets, lines = check_lora_targets(run_config(DEFAULT), base_config(tmp_path, "llama"))
+    assert targets.touched == {
+        "attention": ["k_proj", "o_proj", "q_proj", "v_proj"],
+        "MLP": ["down_proj", "gate_proj", "up_proj"],
+    }
+    assert targets.modules == 14 and not targets.parameters and not targets.warnings
+    assert lines == [
+        "LoRA on this llama: 14 modules: attention k_proj, o_proj, q_proj, v_proj; "
+        "MLP down_proj, gate_proj, up_proj"
+    ]
+
+
+def test_fused_projections_the_default_list_misses_are_a_warning(tmp_path):
+    """Phi-3: the default list reaches o_proj and down_proj only."""
+    targets, lines = check_lora_targets(run_config(DEFAULT), base_config(tmp_path, "phi3"))
+    assert targets.touched == {"attention": ["o_proj"], "MLP": ["down_proj"]}
+    assert targets.missed == {"attention": ["qkv_proj"], "MLP": ["gate_up_proj"]}
+    assert lines[1] == (
+        "warning: lora.target_modules names gate_proj, k_proj, q_proj, up_proj, v_proj, which "
+        "this phi3 does not have, and its qkv_proj, gate_up_proj get no LoRA: add them to "
+        "lora.target_modules, or use all-linear"
+    )
+    fixed = run_config(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    assert not plan_lora_targets(fixed, base_config(tmp_path, "phi3")).warnings
+
+
+@pytest.mark.parametrize(
+    ("family", "target_modules", "tensors"),
+    [
+        ("qwen3_moe", DEFAULT, "down_proj, gate_up_proj"),
+        ("mixtral", "all-linear", "down_proj, gate.weight, gate_up_proj"),
+    ],
+)
+def test_lora_on_fused_experts_is_refused_before_training(
+    tmp_path, family, target_modules, tensors
+):
+    with pytest.raises(UserError) as refused:
+        plan_lora_targets(run_config(target_modules), base_config(tmp_path, family))
+    assert str(refused.value) == (
+        f"lora.target_modules: peft puts LoRA on the fused expert tensors of this {family} "
+        f"({tensors}), which the merge cannot fold into the checkpoint yet; train attention "
+        "only: lora.target_modules: [k_proj, o_proj, q_proj, v_proj]"
+    )
+    attention_only = run_config(["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets = plan_lora_targets(attention_only, base_config(tmp_path, family))
+    assert list(targets.touched) == ["attention"] and not targets.parameters
+
+
+def test_experts_no_target_reaches_are_a_warning(tmp_path):
+    """gpt-oss: all-linear reaches attention and the router, not the fused experts."""
+    targets = plan_lora_targets(run_config("all-linear"), base_config(tmp_path, "gpt_oss"))
+    assert "experts" not in targets.touched
+    assert targets.warnings == [
+        "the experts of this gpt_oss are fused tensors, which lora.target_modules does not "
+        "reach: only attention and the dense layers are trained"
+    ]
+
+
+def test_a_list_that_matches_nothing_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^lora.target_modules: Target modules \{'nope'\}"):
+        plan_lora_targets(run_config(["nope"]), base_config(tmp_path, "llama"))
+
+
+def test_a_model_that_cannot_be_built_here_is_left_to_training(tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
+    targets, [line] = check_lora_targets(
+        run_config(DEFAULT), BaseModel(name=str(folder), path=str(folder))
+    )
+    assert targets is None and line.startswith("LoRA targets not worked out before training (")
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("model.layers.0.self_attn.q_proj", "attention"),
+        ("model.layers.0.mlp.gate_proj", "MLP"),
+        ("model.layers.0.mlp.experts.gate_up_proj", "experts"),
+        ("model.layers.0.block_sparse_moe.experts.3.w1", "experts"),
+        ("model.layers.0.mlp.gate", "router"),
+        ("model.layers.0.mlp.shared_expert_gate", "router"),
+        ("model.layers.0.mlp.shared_expert.up_proj", "MLP"),
+        ("model.embed_tokens", "embeddings"),
+        ("lm_head", "head"),
+        ("transformer.h.0.attn.c_attn", "attention"),
+    ],
+)
+def test_kinds(path, kind):
+    assert kind_of(path) == kind
+
+
+def test_a_run_on_an_moe_with_expert_targets_stops_before_training(tiny_base, tmp_path, capsys):
+    """Through the CLI: exit 2, one line, nothing trained."""
+    folder = tmp_path / "qwen3_moe"
+    config = AutoConfig.for_model("qwen3_moe", **ATTENTION, **FAMILIES["qwen3_moe"])
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((Path(tiny_base) / name).read_bytes())
+    code, _, err = run_cli(
+        [
+            "run",
+            "configs/tiny-llama/sft.yaml",
+            f"model.name={folder}",
+            f"output_dir={tmp_path / 'out'}",
+            "publish.enabled=false",
+            "export.formats=[merged_16bit]",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert_one_error(err, "peft puts LoRA on the fused expert tensors of this qwen3_moe")
+    assert not (tmp_path / "out" / "adapter").exists()
