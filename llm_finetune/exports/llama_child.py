@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
+import json
 import os
-import pickle
 import re
 import select
 import signal
@@ -38,7 +39,7 @@ from llm_finetune.errors import UserError
 
 FAULT_ENV = "LLM_FINETUNE_LLAMA_FAULT"
 TIMEOUT_ENV = "LLM_FINETUNE_LLAMA_TIMEOUT_S"
-_HEADER = struct.Struct("<Q")  # each message: its length, then the pickle
+_HEADER = struct.Struct("<QQ")  # each message: the lengths of its JSON and of its array
 _VERBS = {
     "load": "loading",
     "tokenize": "tokenizing with",
@@ -118,9 +119,8 @@ class LlamaCppChild:
         or LlamaCppFailed when it died or did not answer in time (it is then stopped)."""
         doing = f"{_VERBS.get(op, op)} {self.name}"
         try:
-            message = pickle.dumps((op, args))
             assert self._process.stdin is not None
-            self._process.stdin.write(_HEADER.pack(len(message)) + message)
+            self._process.stdin.write(_encode(op, list(args)))
             self._process.stdin.flush()
             status, value = self._receive(time.monotonic() + self.timeout_s)
         except (BrokenPipeError, EOFError):
@@ -138,8 +138,10 @@ class LlamaCppChild:
     def _receive(self, deadline: float) -> tuple[str, Any]:
         assert self._process.stdout is not None
         header = self._read(self._process.stdout, _HEADER.size, deadline)
-        (length,) = _HEADER.unpack(header)
-        return pickle.loads(self._read(self._process.stdout, length, deadline))
+        text, array = (
+            self._read(self._process.stdout, n, deadline) for n in _HEADER.unpack(header)
+        )
+        return _decode(text, array)
 
     @staticmethod
     def _read(stream: BinaryIO, count: int, deadline: float) -> bytes:
@@ -315,12 +317,35 @@ def _fault(op: str, files: list[str]) -> None:
         time.sleep(10**6)
 
 
-def _read_message(stream: BinaryIO) -> Any:
+def _encode(head: str, value: Any) -> bytes:
+    """A request (op, args) or a reply (status, value): JSON, and a float32 array value as
+    the .npy bytes after it. No pickle: neither side runs what the other sends."""
+    array = b""
+    if not isinstance(value, (type(None), str, int, float, list)):  # eval's logits
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=False)
+        array, value = buffer.getvalue(), None
+    text = json.dumps([head, value]).encode("utf-8")
+    return _HEADER.pack(len(text), len(array)) + text + array
+
+
+def _decode(text: bytes, array: bytes) -> tuple[str, Any]:
+    head, value = json.loads(text)
+    if array:
+        import numpy as np
+
+        value = np.load(io.BytesIO(array), allow_pickle=False)
+    return head, value
+
+
+def _read_message(stream: BinaryIO) -> tuple[str, Any] | None:
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
         return None
-    (length,) = _HEADER.unpack(header)
-    return pickle.loads(stream.read(length))
+    text_length, array_length = _HEADER.unpack(header)
+    return _decode(stream.read(text_length), stream.read(array_length))
 
 
 def main() -> None:
@@ -338,8 +363,7 @@ def main() -> None:
             reply = ("ok", getattr(worker, op)(*args))
         except LlamaCppRefused as exc:
             reply = ("refused", str(exc))
-        message = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        replies.write(_HEADER.pack(len(message)) + message)
+        replies.write(_encode(*reply))
         replies.flush()
     if worker.llama is not None:
         worker.llama.close()
