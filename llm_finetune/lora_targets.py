@@ -93,10 +93,9 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=remote)
+    modules = dict(model.named_modules())  # before peft wraps any of them
     linear = {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D))
+        name for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D))
     }
     try:
         peft_model = get_peft_model(model, lora_config(config))
@@ -111,7 +110,6 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
     }
     parameters = sorted(settings.target_parameters or [])
     configured = config.lora.target_modules
-    paths = [path for path, _ in model.named_modules()]
     targets = LoraTargets(
         model_type=model_config.model_type,
         modules=len(touched),
@@ -120,7 +118,9 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
         missed=_by_kind({p for p in linear - touched if kind_of(p) in ("attention", "MLP")}),
         unmatched=[]
         if configured == "all-linear"
-        else sorted(t for t in configured if not any(p == t or p.endswith(f".{t}") for p in paths)),
+        else sorted(
+            t for t in configured if not any(p == t or p.endswith(f".{t}") for p in modules)
+        ),
     )
     if parameters:
         # peft rewrites MLP names into expert tensors wherever a layer has experts

@@ -32,9 +32,14 @@ FLAG_SAMPLE = "Hello world: 47 is forty-seven."  # tokenized before and after co
 BASE_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.tiktoken"]  # what complete_tokenizer reads
 
 
+def is_vocabulary_file(name: str) -> bool:
+    """A vocabulary the converter reads and transformers 5 no longer saves."""
+    return name in VOCABULARY_FILES or name.endswith(".tiktoken")
+
+
 def is_tokenizer_file(name: str) -> bool:
     """A file of the tokenizer that the merged folder and every export carry."""
-    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
+    return name in TOKENIZER_FILES or is_vocabulary_file(name)
 
 
 def copy_tokenizer(
@@ -69,16 +74,14 @@ def complete_tokenizer(base_folder: Path, folder: Path) -> list[str]:
     nothing is added that changes how transformers tokenizes; return what was added."""
     from transformers import AutoTokenizer
 
-    vocabulary = [
-        path
-        for path in sorted(base_folder.iterdir())
-        if (path.name in VOCABULARY_FILES or path.suffix == ".tiktoken")
-        and path.is_file()
-        and not (folder / path.name).exists()
-    ]
     config_file = folder / "tokenizer_config.json"
     if not config_file.is_file():
         return []
+    vocabulary = [
+        path
+        for path in sorted(base_folder.iterdir())
+        if is_vocabulary_file(path.name) and path.is_file() and not (folder / path.name).exists()
+    ]
     config = read_json_object(config_file, f"copy the tokenizer files into {folder} again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
