@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +26,9 @@ llm-finetune {{ version }}, then merged into the base weights and saved in
 ## Usage
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {{ auto_class }}, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
+model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
 prompt = {{ usage_prompt }}
 inputs = tokenizer(prompt, return_tensors="pt")
@@ -211,6 +212,15 @@ def comparison_rows(heldout: dict[str, Any] | None) -> list[tuple[str, Any, Any]
     ]
 
 
+def _auto_class(folder: Path) -> str:
+    """The class the model in `folder` loads with (Mistral 3 has no causal-LM class)."""
+    from llm_finetune.checkpoint_names import model_class
+
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return model_class(model_type or "").__name__
+
+
 def write_model_card(
     folder: Path,
     *,
@@ -253,6 +263,7 @@ def write_model_card(
         model_name=repo_id.split("/")[-1],
         base_model_text=base_model,
         repo_id=repo_id,
+        auto_class=_auto_class(Path(folder)),
         version=__version__,
         method=method.upper(),
         dtype=dtype,

@@ -27,11 +27,12 @@ def heldout_loss(
     its exponential, the perplexity. The model is loaded in float32 on the CPU, in its stored
     dtype on GPUs (spread over them by accelerate), and released afterwards."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.checkpoint_names import load_pretrained
 
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_pretrained(
         model_path,
         revision=revision,
         dtype="auto" if cuda else torch.float32,

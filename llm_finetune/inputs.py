@@ -152,7 +152,7 @@ def check_adapter_fits(adapter: str, base_folder: Path, base_config: dict[str, A
 
     lora = read_adapter(Path(adapter).expanduser())
     fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
-    plan_merge(lora, base_shards(base_folder), base_config, "float32", fan_in_fan_out)
+    plan_merge(lora, base_shards(base_folder), base_config, "float32", fan_in_fan_out, base_folder)
 
 
 def check_same_model(

@@ -24,10 +24,12 @@ def generate_from_hub(
 ) -> dict[str, Any]:
     """In this process: from_pretrained(repo_id) and one greedy generation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from llm_finetune.checkpoint_names import load_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision)
+    model = load_pretrained(repo_id, revision=revision)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

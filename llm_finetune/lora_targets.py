@@ -10,6 +10,7 @@ after training, at the merge or never.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,24 +82,26 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
     import torch
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
     from llm_finetune.backends.base import target_modules_error
-    from llm_finetune.backends.hf import lora_config
+    from llm_finetune.backends.hf import NON_TEXT_TOWERS, lora_config
+    from llm_finetune.checkpoint_names import meta_model
 
     remote = config.model.trust_remote_code
     model_config = AutoConfig.from_pretrained(
         base.path, revision=base.revision, trust_remote_code=remote
     )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=remote)
+    model = meta_model(model_config, trust_remote_code=remote)
     modules = dict(model.named_modules())  # before peft wraps any of them
-    linear = {
-        name for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D))
+    linear = {  # of the language model: training on text leaves the towers as they are
+        name
+        for name, module in modules.items()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not re.fullmatch(NON_TEXT_TOWERS, name)
     }
     try:
-        peft_model = get_peft_model(model, lora_config(config))
+        peft_model = get_peft_model(model, lora_config(config, model))
     except ValueError as exc:  # nothing matched, say: the same words training would say
         raise target_modules_error(exc) from None
     settings = peft_model.peft_config["default"]

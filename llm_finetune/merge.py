@@ -188,6 +188,7 @@ def plan_merge(
     base_config: dict[str, Any],
     dtype: str,
     fan_in_fan_out: bool,
+    config_folder: Path,
 ) -> Plan:
     from llm_finetune.safetensors_stream import element_size, read_header, safetensors_code
 
@@ -200,6 +201,7 @@ def plan_merge(
                     f"base tensor {name} is in both {where[name]} and {shard}: the shards come "
                     f"from different downloads; {BASE_FIX}"
                 )
+    adapter = _on_checkpoint_names(adapter, set(where), config_folder)
     _refuse_non_float_targets(headers, where, [*adapter.modules, *adapter.replacements])
     changes: dict[str, list[LoraModule]] = {}
     for key, lora in adapter.modules.items():
@@ -249,6 +251,21 @@ def plan_merge(
     if untie and HEAD not in where:
         output_bytes += math.prod(replacements[HEAD].shape) * target_size
     return Plan(headers, where, changes, replacements, bias_updates, untie, output_bytes)
+
+
+def _on_checkpoint_names(adapter: Adapter, stored: set[str], config_folder: Path) -> Adapter:
+    """The adapter keyed by the names the checkpoint stores, where transformers loads it under
+    others (image-text checkpoints, Qwen3.5 as a causal LM, GPT-NeoX's head)."""
+    from llm_finetune.checkpoint_names import checkpoint_names
+
+    names = checkpoint_names([*adapter.modules, *adapter.replacements], stored, str(config_folder))
+    if not names:
+        return adapter
+    return Adapter(
+        adapter.config,
+        {names.get(k, k): v for k, v in adapter.modules.items()},
+        {names.get(k, k): v for k, v in adapter.replacements.items()},
+    )
 
 
 def _refuse_non_float_targets(
@@ -541,7 +558,8 @@ def merge(
         base_config = read_json_object(config_file, BASE_FIX)
         refuse_quantized_base(base_config, base)
         fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
-        plan = plan_merge(lora, base_shards(base_folder), base_config, dtype, fan_in_fan_out)
+        shards = base_shards(base_folder)
+        plan = plan_merge(lora, shards, base_config, dtype, fan_in_fan_out, base_folder)
         check_free_disk(output, plan.output_bytes)
         try:
             with (

@@ -23,12 +23,13 @@ def load_whole(path: str, adapter: Path | None, **kwargs: Any) -> tuple[Any, Any
     """(model, input device): in float32 on the CPU, or spread over every visible GPU and then
     CPU RAM, so a model bigger than one GPU verifies on the node that trained it."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.checkpoint_names import load_pretrained
 
     if torch.cuda.is_available():
         free_memory()  # what training left in torch's cache counts as used when placing
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model = load_pretrained(path, dtype=torch.float32, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 
@@ -182,8 +183,9 @@ def _meta_model(path: str, offload: Path, trust: bool) -> tuple[Any, dict[int, A
     """
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from llm_finetune.checkpoint_names import model_class
     from llm_finetune.merge import base_shards
     from llm_finetune.safetensors_stream import read_header
 
@@ -195,7 +197,7 @@ def _meta_model(path: str, offload: Path, trust: bool) -> tuple[Any, dict[int, A
     }
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(
+        model = model_class(config.model_type).from_config(
             config, dtype=torch.float32, trust_remote_code=trust
         )
     names: dict[int, list[str]] = {}
@@ -220,9 +222,10 @@ def _meta_model_by_transformers(
 ) -> tuple[Any, dict[int, Any]]:
     import torch
     from accelerate.hooks import remove_hook_from_submodules
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
+    from llm_finetune.checkpoint_names import load_pretrained
+
+    model = load_pretrained(
         folder,
         dtype=torch.float32,
         device_map={"": "disk"},

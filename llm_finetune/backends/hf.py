@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +35,20 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     )
 
 
-def lora_config(config: Config) -> Any:
+# The towers of image-text checkpoints (Gemma 3 4B+, Gemma 3n, Mistral 3, Qwen3.5, LLaVA):
+# training on text never runs them, so LoRA there would add weights that stay untrained.
+# LLaMA-Factory freezes the vision tower by default and Unsloth's finetune_vision_layers too.
+NON_TEXT_TOWERS = (
+    r"(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector|audio_tower"
+    r"|embed_vision|embed_audio)(\..*)?"
+)
+
+
+def lora_config(config: Config, model: Any) -> Any:
+    """The run's LoRA settings as peft takes them, for `model`: its language model only."""
     from peft import LoraConfig
+
+    towers = any(re.fullmatch(NON_TEXT_TOWERS, name) for name, _ in model.named_modules())
 
     return LoraConfig(
         r=config.lora.r,
@@ -44,6 +57,7 @@ def lora_config(config: Config) -> Any:
         target_modules=config.lora.target_modules,
         use_rslora=config.lora.use_rslora,
         bias=config.lora.bias,
+        exclude_modules=NON_TEXT_TOWERS if towers else None,  # peft warns on no match
         task_type="CAUSAL_LM",
     )
 
@@ -70,7 +84,9 @@ class HFBackend:
     def load_for_training(self, config: Config, base: BaseModel) -> tuple[Any, Any]:
         import torch
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, set_seed
+        from transformers import set_seed
+
+        from llm_finetune.checkpoint_names import load_pretrained
 
         tokenizer = load_tokenizer(base.path, base.revision, config.model.trust_remote_code)
         dtype = training_dtype(config.model.dtype)
@@ -95,7 +111,7 @@ class HFBackend:
         device_map = training_device_map(torch.cuda.is_available())
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+        model = load_pretrained(base.path, **kwargs)
         if config.model.load_in_4bit and not shards_weights():
             # FSDP / ZeRO-3 need one dtype per shard: no fp32 upcast of the norms there
             model = prepare_model_for_kbit_training(
@@ -105,7 +121,7 @@ class HFBackend:
         # and every re-run starts from the same adapter.
         set_seed(config.training.seed)
         try:
-            model = get_peft_model(model, lora_config(config))
+            model = get_peft_model(model, lora_config(config, model))
         except ValueError as exc:
             raise target_modules_error(exc) from None
         return model, tokenizer

@@ -56,8 +56,36 @@ def main(argv: list[str]) -> None:
             return choose_pre_tokenizer(lambda: detect_original(self, tokenizer), declared)
 
         TextModel.get_vocab_base_pre = get_vocab_base_pre
+    if lacks_its_mtp_layers(Path(converter_args[0])):
+        converter_args.append("--no-mtp")
     sys.argv = [str(Path(converter_dir) / "convert_hf_to_gguf.py"), *converter_args]
     convert_hf_to_gguf.main()
+
+
+def lacks_its_mtp_layers(model_dir: Path) -> bool:
+    """A checkpoint of an architecture whose multi-token-prediction layers llama.cpp converts
+    (Qwen3.5, Qwen3-Next: `mtp.*`), without them: transformers neither loads nor saves them, and
+    the converter stops on their absence unless told `--no-mtp`. DeepSeek and GLM keep theirs
+    among `model.layers` (`num_nextn_predict_layers`): left to the converter."""
+    import json
+
+    from llm_finetune.merge import base_shards
+    from llm_finetune.safetensors_stream import read_header
+
+    try:
+        from conversion import get_model_class
+
+        config = json.loads((model_dir / "config.json").read_text())
+        model_class = get_model_class((config.get("architectures") or [""])[0])
+        nextn = [
+            c for c in (config, config.get("text_config") or {}) if "num_nextn_predict_layers" in c
+        ]
+        if not model_class.supports_mtp_export or nextn:
+            return False
+        names = [name for shard in base_shards(model_dir) for name in read_header(shard).tensors]
+    except Exception:  # noqa: BLE001 - another converter, a damaged folder: it says why itself
+        return False
+    return not any(part == "mtp" for name in names for part in name.split("."))
 
 
 if __name__ == "__main__":

@@ -72,9 +72,9 @@ class TransformersRunner:
         import torch
 
         if isinstance(model, (str, Path)):
-            from transformers import AutoModelForCausalLM
+            from llm_finetune.checkpoint_names import load_pretrained
 
-            model = AutoModelForCausalLM.from_pretrained(
+            model = load_pretrained(
                 str(model),
                 revision=revision,
                 dtype=torch.float32,
@@ -168,8 +168,9 @@ def write_merged_4bit(
     if problem is not None:
         raise UserError(problem)
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
+    from llm_finetune.checkpoint_names import load_pretrained
     from llm_finetune.fsutil import atomic_dir, check_free_disk
     from llm_finetune.tokenizer_files import is_tokenizer_file
 
@@ -183,8 +184,8 @@ def write_merged_4bit(
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     with atomic_dir(target, overwrite=overwrite, what="merged_4bit export") as staging:
-        model = AutoModelForCausalLM.from_pretrained(
-            merged, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": device}
+        model = load_pretrained(
+            str(merged), quantization_config=nf4, dtype=torch.bfloat16, device_map={"": device}
         )
         model.save_pretrained(staging)
         del model
