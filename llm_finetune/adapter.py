@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import UserError, abbreviated
 from llm_finetune.fsutil import read_json_object
+
+if TYPE_CHECKING:
+    from llm_finetune.parameter_lora import ParameterLora
 
 PREFIX = "base_model.model."
 HEAD = "lm_head.weight"
@@ -29,6 +32,7 @@ class LoraModule:
     magnitude: Any = None  # DoRA
     bias: Any = None  # lora_bias: added to the base bias, times scale
     base_copy: Any = None  # peft's saved copy of an adapted embedding's base weight
+    expert: int | None = None  # the expert it updates, in a tensor that stores all experts
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Adapter:
     config: dict[str, Any]
     modules: dict[str, LoraModule]  # base weight key -> LoRA module
     replacements: dict[str, Any]  # base tensor key -> full tensor (modules_to_save)
+    parameters: dict[str, ParameterLora] = field(default_factory=dict)  # target_parameters
 
 
 ADAPTER_FIX = (
@@ -45,7 +50,6 @@ ADAPTER_FIX = (
 # LoRA variants whose merge is not W + s·B@A (DoRA is merged here) and options that change which
 # weights exist: refused rather than merged as plain LoRA.
 UNSUPPORTED = (
-    "target_parameters",
     "trainable_token_indices",
     "modules_to_tie",
     "layer_replication",
@@ -135,6 +139,8 @@ def _check_config_fields(config: dict[str, Any], config_file: Path) -> None:
             raise refuse(key, "a regular expression that compiles")
         if not (value is None or isinstance(value, str) or _is_names(value)):
             raise refuse(key, "a list of module names or a regular expression")
+    if not (config.get("target_parameters") is None or _is_names(config["target_parameters"])):
+        raise refuse("target_parameters", "a list of parameter names")
     # Each pattern must compile inside the expression peft builds from it.
     saved = config.get("modules_to_save")
     if saved is not None and not (
@@ -250,9 +256,11 @@ PARTS = re.compile(
 )
 
 
-def read_adapter(adapter_dir: Path) -> Adapter:
+def read_adapter(adapter_dir: Path, base_folder: Path | None = None) -> Adapter:
     """Group the adapter's tensors by module, the way peft saved them, and check them against
-    the config as peft's loading would: a tensor peft would ignore or refuse is refused."""
+    the config as peft's loading would: a tensor peft would ignore or refuse is refused.
+    LoRA on parameters (target_parameters) is read against the wrappers peft builds on the
+    base in `base_folder` (its config.json)."""
     from llm_finetune.safetensors_stream import read_all
 
     config = read_adapter_config(adapter_dir)
@@ -314,10 +322,55 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             f"{weights_file} holds no LoRA weights (lora_A/lora_B): merging it would copy the "
             f"base unchanged; {ADAPTER_FIX}"
         )
+    parameters = _parameter_loras(modules, config, adapter_dir, base_folder, weights_file)
     for entry in modules.values():
         _check_module(entry, config, config_file, weights_file)
         entry.scale = _scale(config, entry.module)
-    return Adapter(config, {f"{m}.weight": e for m, e in modules.items()}, replacements)
+    return Adapter(config, {f"{m}.weight": e for m, e in modules.items()}, replacements, parameters)
+
+
+def _parameter_loras(
+    modules: dict[str, LoraModule],
+    config: dict[str, Any],
+    adapter_dir: Path,
+    base_folder: Path | None,
+    weights_file: Path,
+) -> dict[str, ParameterLora]:
+    """Take the modules that are peft ParamWrappers out of `modules`, as parameter LoRA checked
+    against the wrapper peft builds for each (rank, experts, layout)."""
+    if not config.get("target_parameters"):
+        return {}
+    from llm_finetune.parameter_lora import ParameterLora, adapter_wrappers
+
+    if base_folder is None:
+        raise UserError(
+            f"{adapter_dir}: the adapter sets target_parameters; pass the base model too"
+        )
+    parameters = {}
+    for path, wrapper in adapter_wrappers(adapter_dir, base_folder).items():
+        entry = modules.pop(path, None)
+        if entry is None or entry.lora_a is None or entry.lora_b is None:
+            raise UserError(
+                f"{weights_file}: no lora_A/lora_B for {path}, which peft puts LoRA on for "
+                f"{wrapper.parameter} (target_parameters); {ADAPTER_FIX}"
+            )
+        shapes = (tuple(entry.lora_a.shape), tuple(entry.lora_b.shape))
+        if shapes != (wrapper.a_shape, wrapper.b_shape):
+            raise UserError(
+                f"{weights_file}: {path} has LoRA weights of shapes {list(shapes[0])} and "
+                f"{list(shapes[1])}, where peft makes {list(wrapper.a_shape)} and "
+                f"{list(wrapper.b_shape)} for {wrapper.parameter} of this base (rank, "
+                "rank_pattern, experts); pass the base the adapter was trained on"
+            )
+        if entry.kind != "linear" or any(
+            t is not None for t in (entry.magnitude, entry.bias, entry.base_copy)
+        ):
+            raise UserError(
+                f"{weights_file}: {path} has more than lora_A/lora_B, which peft's LoRA on "
+                f"parameters does not have; {ADAPTER_FIX}"
+            )
+        parameters[wrapper.parameter] = ParameterLora(wrapper, entry.lora_a, entry.lora_b)
+    return parameters
 
 
 def _check_module(

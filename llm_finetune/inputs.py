@@ -150,7 +150,7 @@ def check_adapter_fits(adapter: str, base_folder: Path, base_config: dict[str, A
     from llm_finetune.adapter import read_adapter
     from llm_finetune.merge import base_shards, plan_merge
 
-    lora = read_adapter(Path(adapter).expanduser())
+    lora = read_adapter(Path(adapter).expanduser(), base_folder)
     fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
     plan_merge(lora, base_shards(base_folder), base_config, "float32", fan_in_fan_out, base_folder)
 

@@ -63,7 +63,7 @@ class LoraTargets:
     model_type: str
     modules: int  # how many modules get a LoRA adapter
     touched: dict[str, list[str]]  # kind -> layer names with LoRA
-    parameters: list[str]  # fused tensors peft put LoRA on (its target_parameters)
+    parameters: list[str]  # tensors peft put LoRA on whole (its target_parameters)
     missed: dict[str, list[str]]  # kind -> linear layers no target reached
     unmatched: list[str]  # configured names this model does not have
     warnings: list[str] = field(default_factory=list)
@@ -77,17 +77,19 @@ class LoraTargets:
 
 def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
     """Apply the run's LoRA config to the base built on the meta device; refuse, in one line,
-    a target list that matches nothing and LoRA on fused expert tensors (which the merge cannot
-    fold into the checkpoint), before any weight is loaded."""
+    a target list that matches nothing and LoRA on tensors transformers converts in a way the
+    merge cannot read backwards, before any weight is loaded."""
     import torch
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
     from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
     from llm_finetune.backends.base import target_modules_error
     from llm_finetune.backends.hf import NON_TEXT_TOWERS, lora_config
     from llm_finetune.checkpoint_names import meta_model
+    from llm_finetune.parameter_lora import check_foldable, wrappers
 
     remote = config.model.trust_remote_code
     model_config = AutoConfig.from_pretrained(
@@ -104,14 +106,13 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
         peft_model = get_peft_model(model, lora_config(config, model))
     except ValueError as exc:  # nothing matched, say: the same words training would say
         raise target_modules_error(exc) from None
-    settings = peft_model.peft_config["default"]
     prefix = "base_model.model."
+    parameters = sorted(w.parameter for w in wrappers(peft_model).values())
     touched = {
-        name.removeprefix(prefix).removesuffix(".base_layer")
+        name.removeprefix(prefix)
         for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
-    parameters = sorted(settings.target_parameters or [])
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper)
+    } | set(parameters)
     configured = config.lora.target_modules
     targets = LoraTargets(
         model_type=model_config.model_type,
@@ -122,24 +123,21 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
         unmatched=[]
         if configured == "all-linear"
         else sorted(
-            t for t in configured if not any(p == t or p.endswith(f".{t}") for p in modules)
+            t
+            for t in configured
+            if not any(p == t or p.endswith(f".{t}") for p in modules)
+            and not (t in MLP_NAMES and "experts" in _by_kind(set(parameters)))  # rewritten
         ),
     )
-    if parameters:
-        # peft rewrites MLP names into expert tensors wherever a layer has experts
-        attention = ", ".join(targets.touched.get("attention", []))
-        raise UserError(
-            f"lora.target_modules: peft puts LoRA on the fused expert tensors of this "
-            f"{targets.model_type} ({', '.join(parameters)}), which the merge cannot fold into "
-            f"the checkpoint yet; train attention only: lora.target_modules: [{attention}]"
-        )
+    check_foldable(model, parameters)  # before training: the merge can put it back
     targets.warnings = _warnings(targets, configured, model)
     return targets
 
 
 def _warnings(targets: LoraTargets, configured: list[str] | str, model: Any) -> list[str]:
     """What the user most likely did not mean: names the family does not have while its
-    attention or MLP layers go untrained, and experts no target reaches."""
+    attention or MLP layers go untrained, MLP layers peft's MoE rewrite leaves out, and
+    experts no target reaches."""
     warnings = []
     if targets.unmatched and targets.missed:
         missed = ", ".join(n for names in targets.missed.values() for n in names)
@@ -149,6 +147,12 @@ def _warnings(targets: LoraTargets, configured: list[str] | str, model: Any) -> 
             "lora.target_modules, or use all-linear"
         )
     aims_at_mlp = configured == "all-linear" or bool(MLP_NAMES.intersection(configured))
+    if aims_at_mlp and "experts" in targets.touched and "MLP" in targets.missed:
+        warnings.append(
+            f"peft moves the MLP names of this {targets.model_type} onto its experts' fused "
+            f"tensors, so its dense MLP layers and shared experts "
+            f"({', '.join(targets.missed['MLP'])}) get no LoRA and keep their base weights"
+        )
     experts = any(kind_of(name) == "experts" for name, _ in model.named_parameters())
     if aims_at_mlp and experts and "experts" not in targets.touched:
         warnings.append(

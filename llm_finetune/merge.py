@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.adapter import HEAD, Adapter, LoraModule, read_adapter
+from llm_finetune.adapter import HEAD, Adapter, LoraModule, read_adapter, read_adapter_config
 from llm_finetune.errors import UserError, first_line
 from llm_finetune.fsutil import (
     atomic_dir,
@@ -202,12 +202,20 @@ def plan_merge(
                     f"from different downloads; {BASE_FIX}"
                 )
     adapter = _on_checkpoint_names(adapter, set(where), config_folder)
-    _refuse_non_float_targets(headers, where, [*adapter.modules, *adapter.replacements])
     changes: dict[str, list[LoraModule]] = {}
     for key, lora in adapter.modules.items():
         if key in adapter.replacements:
             raise UserError(f"{lora.module} is both LoRA-adapted and replaced; cannot merge")
         changes.setdefault(key, []).append(lora)
+    if adapter.parameters:
+        from llm_finetune.parameter_lora import place
+
+        shapes = {name: headers[shard].tensors[name].shape for name, shard in where.items()}
+        for key, updates in place(adapter.parameters, shapes, config_folder).items():
+            if key in adapter.replacements:
+                raise UserError(f"{key} is both LoRA-adapted and replaced; cannot merge")
+            changes.setdefault(key, []).extend(updates)
+    _refuse_non_float_targets(headers, where, [*changes, *adapter.replacements])
     replacements = dict(adapter.replacements)
     embedding = _embedding_key(set(where))
     tied = _tied(base_config) and embedding is not None
@@ -265,6 +273,7 @@ def _on_checkpoint_names(adapter: Adapter, stored: set[str], config_folder: Path
         adapter.config,
         {names.get(k, k): v for k, v in adapter.modules.items()},
         {names.get(k, k): v for k, v in adapter.replacements.items()},
+        adapter.parameters,
     )
 
 
@@ -339,6 +348,7 @@ def _vocabulary_error(key: str, adapter_shape: tuple, base_shape: tuple) -> User
 
 
 def _check_shape(lora: LoraModule, base: Any, fan_in_fan_out: bool) -> None:
+    stored = base.shape if lora.expert is None else base.shape[1:]
     if lora.kind == "embedding":
         shape = (lora.lora_a.shape[1], lora.lora_b.shape[0])
     else:
@@ -347,10 +357,10 @@ def _check_shape(lora: LoraModule, base: Any, fan_in_fan_out: bool) -> None:
             shape = shape[::-1]
     if lora.base_copy is not None and tuple(lora.base_copy.shape) != base.shape:
         raise _vocabulary_error(f"{lora.module}.weight", tuple(lora.base_copy.shape), base.shape)
-    if shape != base.shape:
+    if shape != stored:
         raise UserError(
             f"{lora.module}: LoRA shape {list(shape)} does not fit the base weight "
-            f"{list(base.shape)}; the adapter was trained on a different base model"
+            f"{list(stored)}; the adapter was trained on a different base model"
         )
 
 
@@ -443,7 +453,10 @@ def _output_blocks(
         else:
             block = read_rows(source, info, rows).float()
         for lora in loras:
-            block = merged_weight(block, lora, fan_in_fan_out, rows)
+            if lora.expert is None:
+                block = merged_weight(block, lora, fan_in_fan_out, rows)
+            elif rows.start <= lora.expert < rows.stop:  # a block of experts: its own matrix
+                merged_weight(block[lora.expert - rows.start], lora, False)
         yield block.to(target)
 
 
@@ -548,7 +561,7 @@ def merge(
     adapter, output = Path(adapter), Path(output)
     check_output_folder(str(output), "output folder")
     with freed_memory_returned_to_the_os():  # process-wide: set back for what runs after
-        lora = read_adapter(adapter)
+        read_adapter_config(adapter)  # before a Hub base is downloaded
         base_folder = resolve_base_folder(base, revision)
         config_file = base_folder / "config.json"
         if not (config_file.exists() or config_file.is_symlink()):  # a dangling link: below
@@ -557,6 +570,7 @@ def merge(
             )
         base_config = read_json_object(config_file, BASE_FIX)
         refuse_quantized_base(base_config, base)
+        lora = read_adapter(adapter, base_folder)
         fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
         shards = base_shards(base_folder)
         plan = plan_merge(lora, shards, base_config, dtype, fan_in_fan_out, base_folder)
@@ -585,13 +599,13 @@ def merge(
                 f"({exc.strerror}); nothing was kept: free space or choose another output folder"
             ) from None
     base_dtype = sorted({i.dtype for h in plan.headers.values() for i in h.tensors.values()})
-    merged = sum(len(v) for v in plan.changes.values())
+    merged = len({m.module for updates in plan.changes.values() for m in updates})
     return MergeReport(
         output=str(output),
         dtype=dtype,
         base=str(base),
         adapter=str(adapter),
-        lora_modules_found=len(lora.modules),
+        lora_modules_found=len(lora.modules) + len(lora.parameters),
         lora_modules_merged=merged,
         tensors_replaced=len(plan.replacements),
         shards=len(plan.headers),

@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from llm_finetune.base_model import BaseModel
 from llm_finetune.config import Config
 from llm_finetune.errors import UserError
 from llm_finetune.lora_targets import check_lora_targets, kind_of, plan_lora_targets
 from tests.conftest import tiny_config
-from tests.test_command_inputs import assert_one_error, run_cli
 
 DEFAULT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = dict(num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
@@ -82,35 +81,43 @@ def test_fused_projections_the_default_list_misses_are_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("family", "target_modules", "tensors"),
+    ("family", "target_modules", "touched"),
     [
-        ("qwen3_moe", DEFAULT, "down_proj, gate_up_proj"),
-        ("mixtral", "all-linear", "down_proj, gate.weight, gate_up_proj"),
+        ("qwen3_moe", DEFAULT, {"attention", "experts"}),
+        ("mixtral", "all-linear", {"attention", "experts"}),  # the router left out
+        ("mixtral", ["q_proj", "gate", "w1", "w2", "w3"], {"attention", "experts", "router"}),
+        ("gpt_oss", DEFAULT, {"attention", "experts"}),  # as Unsloth maps the MLP names
+        ("gpt_oss", "all-linear", {"attention", "experts"}),
     ],
 )
-def test_lora_on_fused_experts_is_refused_before_training(
-    tmp_path, family, target_modules, tensors
-):
-    with pytest.raises(UserError) as refused:
-        plan_lora_targets(run_config(target_modules), base_config(tmp_path, family))
-    assert str(refused.value) == (
-        f"lora.target_modules: peft puts LoRA on the fused expert tensors of this {family} "
-        f"({tensors}), which the merge cannot fold into the checkpoint yet; train attention "
-        "only: lora.target_modules: [k_proj, o_proj, q_proj, v_proj]"
-    )
-    attention_only = run_config(["q_proj", "k_proj", "v_proj", "o_proj"])
-    targets = plan_lora_targets(attention_only, base_config(tmp_path, family))
-    assert list(targets.touched) == ["attention"] and not targets.parameters
+def test_lora_on_fused_experts_is_described_and_merges(tmp_path, family, target_modules, touched):
+    targets = plan_lora_targets(run_config(target_modules), base_config(tmp_path, family))
+    assert set(targets.touched) == touched and not targets.warnings
+    assert targets.touched["experts"] == ["down_proj", "gate_up_proj"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in targets.parameters
+
+
+def test_the_dense_layers_peft_leaves_out_of_an_moe_are_a_warning(tmp_path):
+    folder = tmp_path / "qwen3_moe"
+    sizes = {**FAMILIES["qwen3_moe"], "mlp_only_layers": [1]}
+    AutoConfig.for_model("qwen3_moe", **ATTENTION, **sizes).save_pretrained(folder)
+    base = BaseModel(name=str(folder), path=str(folder))
+    targets = plan_lora_targets(run_config(DEFAULT), base)
+    assert targets.warnings == [
+        "peft moves the MLP names of this qwen3_moe onto its experts' fused tensors, so its "
+        "dense MLP layers and shared experts (down_proj, gate_proj, up_proj) get no LoRA and "
+        "keep their base weights"
+    ]
 
 
 def test_experts_no_target_reaches_are_a_warning(tmp_path):
-    """gpt-oss: all-linear reaches attention and the router, not the fused experts."""
-    targets = plan_lora_targets(run_config("all-linear"), base_config(tmp_path, "gpt_oss"))
+    """gpt-oss: an MLP name that is not one of its experts' reaches attention only."""
+    targets = plan_lora_targets(run_config(["q_proj", "w1"]), base_config(tmp_path, "gpt_oss"))
     assert "experts" not in targets.touched
-    assert targets.warnings == [
+    assert targets.warnings[-1] == (
         "the experts of this gpt_oss are fused tensors, which lora.target_modules does not "
         "reach: only attention and the dense layers are trained"
-    ]
+    )
 
 
 def test_a_list_that_matches_nothing_is_one_line(tmp_path):
@@ -145,26 +152,3 @@ def test_a_model_that_cannot_be_built_here_is_left_to_training(tmp_path):
 )
 def test_kinds(path, kind):
     assert kind_of(path) == kind
-
-
-def test_a_run_on_an_moe_with_expert_targets_stops_before_training(tiny_base, tmp_path, capsys):
-    """Through the CLI: exit 2, one line, nothing trained."""
-    folder = tmp_path / "qwen3_moe"
-    config = AutoConfig.for_model("qwen3_moe", **ATTENTION, **FAMILIES["qwen3_moe"])
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((Path(tiny_base) / name).read_bytes())
-    code, _, err = run_cli(
-        [
-            "run",
-            "configs/tiny-llama/sft.yaml",
-            f"model.name={folder}",
-            f"output_dir={tmp_path / 'out'}",
-            "publish.enabled=false",
-            "export.formats=[merged_16bit]",
-        ],
-        capsys,
-    )
-    assert code == 2
-    assert_one_error(err, "peft puts LoRA on the fused expert tensors of this qwen3_moe")
-    assert not (tmp_path / "out" / "adapter").exists()

@@ -50,7 +50,7 @@ def lora_config(config: Config, model: Any) -> Any:
 
     towers = any(re.fullmatch(NON_TEXT_TOWERS, name) for name, _ in model.named_modules())
 
-    return LoraConfig(
+    settings = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
@@ -60,6 +60,48 @@ def lora_config(config: Config, model: Any) -> Any:
         exclude_modules=NON_TEXT_TOWERS if towers else None,  # peft warns on no match
         task_type="CAUSAL_LM",
     )
+    _moe_targets(settings, model, config.lora.target_modules)
+    return settings
+
+
+# A MoE layer's router: `mlp.gate.weight` (Mixtral, Qwen-MoE), `mlp.router.weight` (gpt-oss).
+ROUTER_PARAMETER = re.compile(r"(.*\.)?(gate|router)\.weight")
+# The experts' fused tensors each MLP name reaches, as Unsloth's get_moe_target_parameters
+# maps them.
+EXPERT_TENSORS = {
+    "gate_proj": ("gate_up_proj", "gate_proj"),
+    "up_proj": ("gate_up_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+def _moe_targets(settings: Any, model: Any, configured: list[str] | str) -> None:
+    """What LoRA lands on in a transformers-5 MoE, settled here (get_peft_model then finds
+    nothing left to rewrite), as Unsloth settles it:
+    - peft's rewrite of MLP names onto the experts' fused tensors (Mixtral, Qwen-MoE, ...);
+    - the same for families peft has no rewrite for, whose experts are stored fused (gpt-oss),
+      so that gate_proj/up_proj/down_proj train the experts there too;
+    - `all-linear` leaves the routers out (peft's rewrite adds them): LoRA there moves tokens
+      between experts while nothing here trains the load balance. A router named in
+      target_modules is still trained."""
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    convert_peft_config_for_transformers(settings, model, conversions=None)
+    parameters = set(settings.target_parameters or [])
+    if configured == "all-linear":
+        parameters = {p for p in parameters if not ROUTER_PARAMETER.fullmatch(p)}
+    names = EXPERT_TENSORS if configured == "all-linear" else set(configured) & set(EXPERT_TENSORS)
+    fused = {
+        name.rsplit(".", 1)[-1]
+        for name, tensor in model.named_parameters()
+        if tensor.dim() == 3 and ".experts." in name
+    }
+    reached = {p.rsplit(".", 1)[-1] for p in parameters}
+    for name in names:
+        tensor = next((t for t in EXPERT_TENSORS[name] if t in fused), None)
+        if tensor is not None and tensor not in reached:
+            parameters.add(f"experts.{tensor}")
+    settings.target_parameters = sorted(parameters) or None
 
 
 def training_device_map(cuda: bool) -> dict[str, int] | None:

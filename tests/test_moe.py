@@ -1,0 +1,286 @@
+"""LoRA on MoE experts (peft's target_parameters on transformers 5's fused expert tensors),
+merged into the checkpoint's own layout: per-expert tensors (Qwen-MoE, OLMoE, DeepSeek-V3,
+Mixtral's w1/w3/w2) with gate_up_proj split back into gate and up, or fused tensors (gpt-oss),
+the rank and alpha peft doubles for gate_up_proj honoured. Checked against peft's forward pass.
+
+Sizes are distinct (hidden 64, each expert 48, gate_up 96, a dense MLP 80) so that a transposed
+or mixed-up expert, or gate swapped with up, cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llm_finetune.backends.hf import lora_config
+from llm_finetune.errors import UserError
+from llm_finetune.merge import merge
+from llm_finetune.parameter_lora import check_foldable
+from tests.conftest import tiny_config
+from tests.test_command_inputs import assert_one_error, run_cli
+from tests.test_lora_targets import DEFAULT
+
+VOCAB = 128
+ATTENTION = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+EXPERTS = dict(num_experts=4, num_experts_per_tok=2)
+# name -> (model_type, its config, lora.target_modules, what the adapter touches besides
+# attention and the experts)
+FAMILIES = {
+    "qwen3_moe, a dense layer": (
+        "qwen3_moe",
+        dict(intermediate_size=80, moe_intermediate_size=48, mlp_only_layers=[1], **EXPERTS),
+        DEFAULT,
+        set(),
+    ),
+    "qwen2_moe, a shared expert": (
+        "qwen2_moe",
+        dict(
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            **EXPERTS,
+        ),
+        DEFAULT,
+        set(),
+    ),
+    "olmoe": ("olmoe", dict(intermediate_size=48, **EXPERTS), DEFAULT, set()),
+    "deepseek_v3, dense + shared + routed": (
+        "deepseek_v3",
+        dict(
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            head_dim=8,  # its rotary part
+        ),
+        "all-linear",
+        {"mlp"},  # the dense layer's and the shared expert's Linear layers
+    ),
+    "mixtral, all-linear": (
+        "mixtral",
+        dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+        "all-linear",
+        set(),  # the router left out
+    ),
+    "mixtral, the router named": (
+        "mixtral",
+        dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+        ["q_proj", "v_proj", "gate", "w1", "w2", "w3"],
+        {"gate"},
+    ),
+    "gpt_oss in bf16": (
+        "gpt_oss",
+        dict(
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        DEFAULT,
+        set(),
+    ),
+}
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return tensors
+
+
+def moe_base(folder: Path, family: str, dtype=torch.float32, **changes) -> None:
+    """A random `family` base in several shards (an expert's tensors spread over them)."""
+    model_type, sizes, _, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**ATTENTION, **sizes, **changes})
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(
+        folder, max_shard_size="200KB"
+    )
+
+
+def moe_adapter(base: Path, folder: Path, family: str) -> dict:
+    """LoRA as training makes it (the hf backend's settings), random B so it changes the
+    model; returns its adapter_config.json."""
+    _, _, targets, _ = FAMILIES[family]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    settings = lora_config(tiny_config(folder, lora={"target_modules": targets}), model)
+    settings.init_lora_weights = False
+    get_peft_model(model, settings).save_pretrained(folder)
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_on_experts_merges_into_the_checkpoints_layout(tmp_path, family):
+    model_type, _, _, also = FAMILIES[family]
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    moe_base(base, family, torch.bfloat16 if model_type == "gpt_oss" else torch.float32)
+    assert len(list(base.glob("*.safetensors"))) > 1
+    saved = moe_adapter(base, adapter, family)
+    assert {p.rsplit(".", 1)[-1] for p in saved["target_parameters"]} >= {
+        "gate_up_proj",
+        "down_proj",
+    }
+
+    report = merge(str(base), adapter, merged, dtype="float32")
+
+    before, after = stored(base), stored(merged)
+    assert before.keys() == after.keys()
+    assert all(before[k].shape == after[k].shape for k in before)
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k])}
+    experts = {k for k in before if ".experts." in k and "bias" not in k}
+    assert experts and experts <= changed  # every expert, gate and up and down
+    routers = {k for k in before if k.endswith((".gate.weight", ".router.weight"))}
+    assert bool(routers & changed) == ("gate" in also)
+    assert report.lora_modules_merged == report.lora_modules_found
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    ).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    unmerged = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        difference = (expected - reloaded(input_ids=ids).logits).abs().max().item()
+        moved = (expected - unmerged(input_ids=ids).logits).abs().max().item()
+    assert difference <= 1e-5 and moved > 1e-2
+
+
+def test_the_rank_and_alpha_peft_doubles_for_gate_up_are_used(tmp_path):
+    """peft writes rank_pattern/alpha_pattern 2r/2α for the fused gate_up_proj: the same scale
+    alpha/r, with twice the rank; merged at alpha/r, not 2α/r or α/2r."""
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    moe_base(base, "olmoe")
+    saved = moe_adapter(base, adapter, "olmoe")
+    r, alpha = saved["r"], saved["lora_alpha"]
+    assert saved["rank_pattern"] == {r".*\.gate_up_proj": 2 * r}
+    assert saved["alpha_pattern"] == {r".*\.gate_up_proj": 2 * alpha}
+    from llm_finetune.adapter import read_adapter
+
+    loras = read_adapter(adapter, base).parameters
+    gate_up = loras["model.layers.0.mlp.experts.gate_up_proj"]
+    down = loras["model.layers.0.mlp.experts.down_proj"]
+    assert gate_up.lora_a.shape == (2 * r * 4, 64) and down.lora_a.shape == (r * 4, 48)
+    assert gate_up.wrapper.scale == down.wrapper.scale == alpha / r
+
+
+def test_an_adapter_for_other_experts_is_one_line_and_writes_nothing(tmp_path, capsys):
+    base, other, adapter = tmp_path / "base", tmp_path / "other", tmp_path / "adapter"
+    moe_base(base, "olmoe")
+    moe_base(other, "olmoe", num_experts=8)
+    moe_adapter(other, adapter, "olmoe")
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--output"]
+
+    code, _, err = run_cli([*argv, str(tmp_path / "merged")], capsys)
+
+    assert code == 2
+    assert_one_error(
+        err,
+        r"model.layers.0.mlp.experts(.base_layer)? has LoRA weights of shapes .* where peft "
+        r"makes .* for model.layers.0.mlp.experts.(gate_up|down)_proj of this base",
+    )
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_checkpoint_missing_an_expert_is_one_line(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    moe_base(base, "olmoe")
+    moe_adapter(base, adapter, "olmoe")
+    missing = "model.layers.1.mlp.experts.3.up_proj.weight"
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    shard = base / index["weight_map"].pop(missing)
+    tensors = {k: v for k, v in stored(base).items() if index["weight_map"].get(k) == shard.name}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    with pytest.raises(UserError, match=r"^LoRA on model.layers.1.mlp.experts.gate_up_proj: the "):
+        merge(str(base), adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_conversion_the_merge_cannot_read_backwards_is_refused_before_training(
+    tmp_path, monkeypatch
+):
+    """Experts that transformers loads with, say, Interleave are refused in the preflight."""
+    import importlib
+
+    from transformers.core_model_loading import Interleave, WeightConverter
+
+    def interleaved(model):
+        return [WeightConverter("mlp.experts.w13", "mlp.experts.gate_up_proj", [Interleave(1)])]
+
+    mapping = importlib.import_module("transformers.conversion_mapping")
+    monkeypatch.setattr(mapping, "get_model_conversion_mapping", interleaved)
+    with pytest.raises(UserError) as refused:
+        check_foldable(None, ["model.layers.0.mlp.experts.gate_up_proj"])
+    assert str(refused.value) == (
+        "LoRA on model.layers.0.mlp.experts.gate_up_proj: transformers loads it from the "
+        "checkpoint with Interleave, which the merge cannot fold back; leave it out of "
+        "lora.target_modules (train attention only)"
+    )
+
+
+@pytest.mark.slow
+def test_a_qwen3_moe_runs_end_to_end_with_the_default_targets(tmp_path, tiny_base, capsys):
+    """Trains attention and the experts, merges, verifies, exports (GGUF included), publishes."""
+    from transformers import AutoTokenizer
+
+    folder, out = tmp_path / "qwen3_moe", tmp_path / "out"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    moe_base(
+        folder,
+        "qwen3_moe, a dense layer",
+        torch.bfloat16,
+        vocab_size=len(tokenizer),
+        mlp_only_layers=[],
+        **specials,
+    )
+    tokenizer.save_pretrained(folder)
+    for template in Path(tiny_base).glob("*.jinja"):
+        (folder / template.name).write_bytes(template.read_bytes())
+
+    code, out_text, err = run_cli(
+        [
+            "run",
+            "configs/tiny-llama/sft.yaml",
+            f"model.name={folder}",
+            f"output_dir={out}",
+            "training.max_steps=30",
+        ],
+        capsys,
+    )
+
+    assert code == 0, err[-3000:]
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["lora_targets"]["touched"]["experts"] == ["down_proj", "gate_up_proj"]
+    assert [(e["format"], e["passed"]) for e in summary["exports"]] == [
+        ("merged_16bit", True),
+        ("lora", True),
+        ("q8_0", True),
+        ("q4_k_m", True),
+    ]
