@@ -113,9 +113,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 ## make bench [ARGS=... for the merge bench] [VERIFY_ARGS=... for the verification bench]
-##            [EXPORT_ARGS=... for the export bench]
+##            [EXPORT_ARGS=... for the export bench] [MOE_ARGS=... for the MoE merge bench]
 bench: $(STAMP) $(LLAMA_CPP_STAMP)
 	$(PY) bench/merge_bench.py $(ARGS)
+	$(PY) bench/moe_merge_bench.py $(MOE_ARGS)
 	$(PY) bench/verify_bench.py $(VERIFY_ARGS)
 	$(PY) bench/export_bench.py $(EXPORT_ARGS)
 

@@ -8,13 +8,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llm_finetune.errors import UserError, abbreviated
 from llm_finetune.fsutil import read_json_object
-
-if TYPE_CHECKING:
-    from llm_finetune.parameter_lora import ParameterLora
 
 PREFIX = "base_model.model."
 HEAD = "lm_head.weight"
@@ -33,6 +30,38 @@ class LoraModule:
     bias: Any = None  # lora_bias: added to the base bias, times scale
     base_copy: Any = None  # peft's saved copy of an adapted embedding's base weight
     expert: int | None = None  # the expert it updates, in a tensor that stores all experts
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """One peft ParamWrapper (LoRA on a parameter, target_parameters), as peft builds it for
+    the base: `parameter_lora.adapter_wrappers`."""
+
+    parameter: str  # the parameter's in-memory name, e.g. model.layers.0.mlp.experts.down_proj
+    shape: tuple[int, ...]  # in memory: (experts, d1, d2), or (out, in) for a 2-D parameter
+    a_shape: tuple[int, ...]  # lora_A: (experts·r, in)
+    b_shape: tuple[int, ...]  # lora_B: (out, experts·r)
+    scale: float  # alpha/r with peft's rank and alpha patterns (alpha/√r for rsLoRA)
+    out_first: bool  # each expert's matrix is (out, in) (peft swapped in/out), else (in, out)
+
+
+@dataclass
+class ParameterLora:
+    """The trained factors of one wrapper."""
+
+    wrapper: Wrapper
+    lora_a: Any
+    lora_b: Any
+
+    def factors(self, expert: int) -> tuple[Any, Any]:
+        """(left, right): the update of `expert`'s matrix, in memory, is scale · left @ right."""
+        shape = self.wrapper.shape
+        if len(shape) == 2:
+            return self.lora_b, self.lora_a
+        experts = shape[0]
+        a = self.lora_a.reshape(experts, -1, self.lora_a.shape[-1])[expert]  # (r, in)
+        b = self.lora_b.reshape(self.lora_b.shape[0], -1, experts)[:, :, expert]  # (out, r)
+        return (b, a) if self.wrapper.out_first else (a.T, b.T)
 
 
 @dataclass
@@ -256,11 +285,11 @@ PARTS = re.compile(
 )
 
 
-def read_adapter(adapter_dir: Path, base_folder: Path | None = None) -> Adapter:
+def read_adapter(adapter_dir: Path, wrappers: dict[str, Wrapper] | None = None) -> Adapter:
     """Group the adapter's tensors by module, the way peft saved them, and check them against
     the config as peft's loading would: a tensor peft would ignore or refuse is refused.
-    LoRA on parameters (target_parameters) is read against the wrappers peft builds on the
-    base in `base_folder` (its config.json)."""
+    LoRA on parameters (target_parameters) is read against `wrappers`, peft path -> the
+    ParamWrapper peft builds there on the base."""
     from llm_finetune.safetensors_stream import read_all
 
     config = read_adapter_config(adapter_dir)
@@ -322,7 +351,7 @@ def read_adapter(adapter_dir: Path, base_folder: Path | None = None) -> Adapter:
             f"{weights_file} holds no LoRA weights (lora_A/lora_B): merging it would copy the "
             f"base unchanged; {ADAPTER_FIX}"
         )
-    parameters = _parameter_loras(modules, config, adapter_dir, base_folder, weights_file)
+    parameters = _parameter_loras(modules, config, adapter_dir, wrappers, weights_file)
     for entry in modules.values():
         _check_module(entry, config, config_file, weights_file)
         entry.scale = _scale(config, entry.module)
@@ -333,21 +362,19 @@ def _parameter_loras(
     modules: dict[str, LoraModule],
     config: dict[str, Any],
     adapter_dir: Path,
-    base_folder: Path | None,
+    wrappers: dict[str, Wrapper] | None,
     weights_file: Path,
 ) -> dict[str, ParameterLora]:
     """Take the modules that are peft ParamWrappers out of `modules`, as parameter LoRA checked
     against the wrapper peft builds for each (rank, experts, layout)."""
     if not config.get("target_parameters"):
         return {}
-    from llm_finetune.parameter_lora import ParameterLora, adapter_wrappers
-
-    if base_folder is None:
+    if wrappers is None:
         raise UserError(
             f"{adapter_dir}: the adapter sets target_parameters; pass the base model too"
         )
     parameters = {}
-    for path, wrapper in adapter_wrappers(adapter_dir, base_folder).items():
+    for path, wrapper in wrappers.items():
         entry = modules.pop(path, None)
         if entry is None or entry.lora_a is None or entry.lora_b is None:
             raise UserError(

@@ -147,10 +147,9 @@ def model_config(name: str, what: str) -> dict[str, Any]:
 def check_adapter_fits(adapter: str, base_folder: Path, base_config: dict[str, Any]) -> None:
     """The adapter's tensors agree with its config and fit the base's weights, as the merge
     checks them: peft refuses such an adapter only halfway through loading, with a traceback."""
-    from llm_finetune.adapter import read_adapter
-    from llm_finetune.merge import base_shards, plan_merge
+    from llm_finetune.merge import base_shards, plan_merge, read_adapter_for
 
-    lora = read_adapter(Path(adapter).expanduser(), base_folder)
+    lora = read_adapter_for(Path(adapter).expanduser(), base_folder)
     fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
     plan_merge(lora, base_shards(base_folder), base_config, "float32", fan_in_fan_out, base_folder)
 

@@ -261,6 +261,17 @@ def plan_merge(
     return Plan(headers, where, changes, replacements, bias_updates, untie, output_bytes)
 
 
+def read_adapter_for(adapter: Path, base_folder: Path) -> Adapter:
+    """`read_adapter`, its LoRA on parameters (MoE experts) read against the wrappers peft
+    builds on this base."""
+    wrappers = None
+    if read_adapter_config(adapter).get("target_parameters"):
+        from llm_finetune.parameter_lora import adapter_wrappers
+
+        wrappers = adapter_wrappers(adapter, base_folder)
+    return read_adapter(adapter, wrappers)
+
+
 def _on_checkpoint_names(adapter: Adapter, stored: set[str], config_folder: Path) -> Adapter:
     """The adapter keyed by the names the checkpoint stores, where transformers loads it under
     others (image-text checkpoints, Qwen3.5 as a causal LM, GPT-NeoX's head)."""
@@ -570,7 +581,7 @@ def merge(
             )
         base_config = read_json_object(config_file, BASE_FIX)
         refuse_quantized_base(base_config, base)
-        lora = read_adapter(adapter, base_folder)
+        lora = read_adapter_for(adapter, base_folder)
         fan_in_fan_out = bool(lora.config.get("fan_in_fan_out"))
         shards = base_shards(base_folder)
         plan = plan_merge(lora, shards, base_config, dtype, fan_in_fan_out, base_folder)

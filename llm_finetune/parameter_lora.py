@@ -20,40 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_finetune.adapter import PREFIX, LoraModule, ParameterLora, Wrapper
 from llm_finetune.errors import UserError, first_line
-
-PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class Wrapper:
-    """One peft ParamWrapper, as peft builds it for this base and adapter config."""
-
-    parameter: str  # the parameter's in-memory name, e.g. model.layers.0.mlp.experts.down_proj
-    shape: tuple[int, ...]  # in memory: (experts, d1, d2), or (out, in) for a 2-D parameter
-    a_shape: tuple[int, ...]  # lora_A: (experts·r, in)
-    b_shape: tuple[int, ...]  # lora_B: (out, experts·r)
-    scale: float  # alpha/r with peft's rank and alpha patterns (alpha/√r for rsLoRA)
-    out_first: bool  # each expert's matrix is (out, in) (peft swapped in/out), else (in, out)
-
-
-@dataclass
-class ParameterLora:
-    """The trained factors of one wrapper."""
-
-    wrapper: Wrapper
-    lora_a: Any
-    lora_b: Any
-
-    def factors(self, expert: int) -> tuple[Any, Any]:
-        """(left, right): the update of `expert`'s matrix, in memory, is scale · left @ right."""
-        shape = self.wrapper.shape
-        if len(shape) == 2:
-            return self.lora_b, self.lora_a
-        experts = shape[0]
-        a = self.lora_a.reshape(experts, -1, self.lora_a.shape[-1])[expert]  # (r, in)
-        b = self.lora_b.reshape(self.lora_b.shape[0], -1, experts)[:, :, expert]  # (out, r)
-        return (b, a) if self.wrapper.out_first else (a.T, b.T)
 
 
 def _meta_model(config_folder: Path) -> Any:
@@ -94,12 +62,14 @@ def wrappers(model: Any) -> dict[str, Wrapper]:
 
 def adapter_wrappers(adapter_dir: Path, config_folder: Path) -> dict[str, Wrapper]:
     """The wrappers peft makes when it loads the adapter in `adapter_dir` onto this base."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     model = _meta_model(config_folder)
     try:
         settings = LoraConfig.from_pretrained(str(adapter_dir))
-        peft_model = get_peft_model(model, settings)
+        with torch.device("meta"):  # the LoRA weights too: shapes only, no initialisation
+            peft_model = get_peft_model(model, settings)
     except Exception as exc:  # noqa: BLE001 - peft's own refusal, in one line
         raise UserError(
             f"{adapter_dir}/adapter_config.json: peft cannot apply it to this base "
@@ -211,8 +181,6 @@ def place(
     """stored tensor -> the LoRA updates it receives, as `LoraModule`s in its own layout
     (`expert` set where the tensor holds all experts): what peft's forward pass adds to the
     in-memory parameter, read back through transformers' conversion."""
-    from llm_finetune.adapter import LoraModule
-
     model = _meta_model(config_folder)
     by_parameter = {p.wrapper.parameter: p for p in loras.values()}
     found = pieces(model, {n: p.wrapper for n, p in by_parameter.items()}, stored)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llm_finetune.backends.hf import lora_config
 from llm_finetune.errors import UserError
-from llm_finetune.merge import merge
+from llm_finetune.merge import merge, read_adapter_for
 from llm_finetune.parameter_lora import check_foldable
 from tests.conftest import tiny_config
 from tests.test_command_inputs import assert_one_error, run_cli
@@ -179,9 +179,7 @@ def test_the_rank_and_alpha_peft_doubles_for_gate_up_are_used(tmp_path):
     r, alpha = saved["r"], saved["lora_alpha"]
     assert saved["rank_pattern"] == {r".*\.gate_up_proj": 2 * r}
     assert saved["alpha_pattern"] == {r".*\.gate_up_proj": 2 * alpha}
-    from llm_finetune.adapter import read_adapter
-
-    loras = read_adapter(adapter, base).parameters
+    loras = read_adapter_for(adapter, base).parameters
     gate_up = loras["model.layers.0.mlp.experts.gate_up_proj"]
     down = loras["model.layers.0.mlp.experts.down_proj"]
     assert gate_up.lora_a.shape == (2 * r * 4, 64) and down.lora_a.shape == (r * 4, 48)
