@@ -17,9 +17,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # The converter's message for a hash it does not know (conversion/base.py).
 UNRECOGNISED = "BPE pre-tokenizer was not recognized"
+# Architectures transformers 5 spells otherwise than the converter registers them.
+CONVERTER_SPELLINGS = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
 
 
 class PreTokenizerMismatch(Exception):
@@ -47,7 +50,7 @@ def main(argv: list[str]) -> None:
     converter_dir, declared, *converter_args = argv
     sys.path.insert(0, converter_dir)
     import convert_hf_to_gguf  # llama.cpp's, found on the path only now
-    from conversion.base import TextModel
+    from conversion.base import ModelBase, TextModel
 
     if declared:
         detect_original = TextModel.get_vocab_base_pre
@@ -56,10 +59,34 @@ def main(argv: list[str]) -> None:
             return choose_pre_tokenizer(lambda: detect_original(self, tokenizer), declared)
 
         TextModel.get_vocab_base_pre = get_vocab_base_pre
+    load_hparams = ModelBase.load_hparams
+    ModelBase.load_hparams = staticmethod(
+        lambda *args, **kwargs: with_converter_keys(load_hparams(*args, **kwargs))
+    )
     if lacks_its_mtp_layers(Path(converter_args[0])):
         converter_args.append("--no-mtp")
     sys.argv = [str(Path(converter_dir) / "convert_hf_to_gguf.py"), *converter_args]
     convert_hf_to_gguf.main()
+
+
+def with_converter_keys(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The config as the converter reads it: keys transformers 5 no longer writes derived from
+    the ones it writes instead, as transformers itself reads them. Only the converter's copy
+    changes; the published config.json stays as transformers wrote it."""
+    hparams = dict(hparams)
+    model_type = hparams.get("model_type")
+    if model_type == "gpt2" and hparams.get("n_ctx") is None:
+        hparams["n_ctx"] = hparams.get("n_positions")
+    if model_type == "gpt_neox" and hparams.get("rotary_pct") is None:
+        rope = hparams.get("rope_parameters") or {}
+        hparams["rotary_pct"] = rope.get("partial_rotary_factor", 1.0)
+    if model_type == "falcon" and not hparams.get("new_decoder_architecture"):
+        # FalconAttention: one key/value head with multi_query, one per head without it
+        many = hparams.get("num_kv_heads") or hparams.get("num_attention_heads")
+        hparams["num_kv_heads"] = 1 if hparams.get("multi_query", True) else many
+    architectures = hparams.get("architectures") or []
+    hparams["architectures"] = [CONVERTER_SPELLINGS.get(a, a) for a in architectures]
+    return hparams
 
 
 def lacks_its_mtp_layers(model_dir: Path) -> bool:

@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.errors import UserError
-from llm_finetune.exports.convert_gguf import UNRECOGNISED, PreTokenizerMismatch
+from llm_finetune.exports.convert_gguf import (
+    CONVERTER_SPELLINGS,
+    UNRECOGNISED,
+    PreTokenizerMismatch,
+)
 from llm_finetune.exports.formats import CONVERTER_TYPES, GGUF_TYPES
 from llm_finetune.exports.llama_child import (
     LlamaCppChild,
@@ -140,7 +144,8 @@ def supported_architectures() -> set[str]:
 
 def architecture_problem(architectures: list[str]) -> str | None:
     """One line when llama.cpp's converter cannot convert a model of `architectures`."""
-    if any(name in supported_architectures() for name in architectures):
+    supported = supported_architectures()
+    if any(CONVERTER_SPELLINGS.get(name, name) in supported for name in architectures):
         return None
     named = ", ".join(architectures) or "none named in its config.json"
     return (
