@@ -91,6 +91,12 @@ FAMILIES = {
         ["q_proj", "v_proj", "gate", "w1", "w2", "w3"],
         {"gate"},
     ),
+    "phimoe, renamed on load": (
+        "phimoe",
+        dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+        "all-linear",
+        set(),
+    ),
     "gpt_oss in bf16": (
         "gpt_oss",
         dict(

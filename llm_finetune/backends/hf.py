@@ -64,8 +64,9 @@ def lora_config(config: Config, model: Any) -> Any:
     return settings
 
 
-# A MoE layer's router: `mlp.gate.weight` (Mixtral, Qwen-MoE), `mlp.router.weight` (gpt-oss).
-ROUTER_PARAMETER = re.compile(r"(.*\.)?(gate|router)\.weight")
+# A MoE layer's router, a parameter (`mlp.gate.weight`: Mixtral, Qwen-MoE; gpt-oss's
+# `mlp.router.weight`) or a Linear module (PhiMoE's `mlp.router`).
+ROUTER = r"(.*\.)?(gate|router)"
 # The experts' fused tensors each MLP name reaches, as Unsloth's get_moe_target_parameters
 # maps them.
 EXPERT_TENSORS = {
@@ -89,7 +90,7 @@ def _moe_targets(settings: Any, model: Any, configured: list[str] | str) -> None
     convert_peft_config_for_transformers(settings, model, conversions=None)
     parameters = set(settings.target_parameters or [])
     if configured == "all-linear":
-        parameters = {p for p in parameters if not ROUTER_PARAMETER.fullmatch(p)}
+        parameters = {p for p in parameters if not re.fullmatch(rf"{ROUTER}\.weight", p)}
     names = EXPERT_TENSORS if configured == "all-linear" else set(configured) & set(EXPERT_TENSORS)
     fused = {
         name.rsplit(".", 1)[-1]
@@ -102,6 +103,10 @@ def _moe_targets(settings: Any, model: Any, configured: list[str] | str) -> None
         if tensor is not None and tensor not in reached:
             parameters.add(f"experts.{tensor}")
     settings.target_parameters = sorted(parameters) or None
+    routers = fused and any(re.fullmatch(ROUTER, name) for name, _ in model.named_modules())
+    if configured == "all-linear" and routers:
+        towers = settings.exclude_modules
+        settings.exclude_modules = ROUTER if towers is None else f"({towers})|({ROUTER})"
 
 
 def training_device_map(cuda: bool) -> dict[str, int] | None:
