@@ -147,11 +147,24 @@ def base_shards(folder: Path) -> list[Path]:
 
 
 def refuse_quantized_base(config: dict[str, Any], base: str) -> None:
-    if config.get("quantization_config"):
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return
+    if is_mxfp4(config):
         raise UserError(
-            f"base {base!r} is a quantized checkpoint; merging into dequantized weights loses "
-            "precision: pass the original 16-bit base model instead"
+            f"base {base!r} stores its experts in MXFP4, gpt-oss's release format; LoRA is "
+            "merged into 16-bit weights: pass a bf16 copy (unsloth/gpt-oss-20b-BF16, or load "
+            "it with Mxfp4Config(dequantize=True) and save_pretrained)"
         )
+    raise UserError(
+        f"base {base!r} is a quantized checkpoint; merging into dequantized weights loses "
+        "precision: pass the original 16-bit base model instead"
+    )
+
+
+def is_mxfp4(config: dict[str, Any]) -> bool:
+    quantization = config.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
 
 
 def _tied(config: dict[str, Any]) -> bool:

@@ -88,6 +88,7 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
 
         log(f"    {check_trackers(config)}")
     if until == "publish" and reuse.merged is None:
+        check_base_precision(base, config, backend.name)
         if removed := remove_leftovers(out):
             log(f"    {removed}")
         weights = base_weights(base)
@@ -101,6 +102,25 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     if until == "publish" and config.publish.enabled:
         report.publish = check_publish_target(config, stack)
     return report
+
+
+def check_base_precision(base: BaseModel, config: Config, backend: str) -> None:
+    """A quantized base is refused before training, not at the merge: the streaming merge
+    needs its 16-bit weights. Unsloth's save re-reads the 16-bit original of its own bnb-4bit
+    repos, so there only MXFP4 (gpt-oss as released) is refused."""
+    from transformers import AutoConfig
+
+    from llm_finetune.merge import is_mxfp4, refuse_quantized_base
+
+    model_config = AutoConfig.from_pretrained(
+        base.path, revision=base.revision, trust_remote_code=config.model.trust_remote_code
+    )
+    quantization = getattr(model_config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    facts = {"quantization_config": quantization}
+    if backend == "hf" or is_mxfp4(facts):
+        refuse_quantized_base(facts, base.name)
 
 
 def check_export_tools(config: Config, base: BaseModel) -> str:

@@ -288,3 +288,41 @@ def test_a_qwen3_moe_runs_end_to_end_with_the_default_targets(tmp_path, tiny_bas
         ("q8_0", True),
         ("q4_k_m", True),
     ]
+
+
+@pytest.mark.parametrize(
+    ("quantization", "message"),
+    [
+        (
+            {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
+            r"stores its experts in MXFP4, gpt-oss's release format; LoRA is merged into "
+            r"16-bit weights: pass a bf16 copy \(unsloth/gpt-oss-20b-BF16",
+        ),
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True},
+            r"is a quantized checkpoint; .* pass the original 16-bit base model instead",
+        ),
+    ],
+)
+def test_a_quantized_base_is_refused_before_training(tmp_path, capsys, quantization, message):
+    """gpt-oss as released (MXFP4), or a pre-quantized repo: one line, nothing trained."""
+    base = tmp_path / "gpt-oss"
+    moe_base(base, "gpt_oss in bf16", torch.bfloat16)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+
+    code, _, err = run_cli(
+        [
+            "run",
+            "configs/tiny-llama/sft.yaml",
+            f"model.name={base}",
+            f"output_dir={tmp_path / 'out'}",
+            "publish.enabled=false",
+            "export.formats=[merged_16bit]",
+        ],
+        capsys,
+    )
+
+    assert code == 2
+    assert_one_error(err, message)
+    assert not (tmp_path / "out" / "adapter").exists()
