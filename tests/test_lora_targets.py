@@ -152,3 +152,36 @@ def test_a_model_that_cannot_be_built_here_is_left_to_training(tmp_path):
 )
 def test_kinds(path, kind):
     assert kind_of(path) == kind
+
+
+# Each shipped config -> its family and what its target list must train there.
+SHIPPED = {
+    "llama-3.1-8b": ("llama", {"attention", "MLP"}),
+    "qwen3-8b": ("qwen3", {"attention", "MLP"}),
+    "qwen3-30b-a3b": ("qwen3_moe", {"attention", "experts"}),
+    "gemma-3-4b": ("gemma3", {"attention", "MLP"}),
+    "mistral-7b": ("mistral", {"attention", "MLP"}),
+    "phi-4": ("phi3", {"attention", "MLP"}),
+    "gpt-oss-20b": ("gpt_oss", {"attention", "experts"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_each_shipped_configs_targets_train_its_family(tmp_path, monkeypatch, name):
+    """On a tiny model of the family: nothing missed, no warning, the kinds it should train."""
+    from llm_finetune.config import load_config
+
+    family, kinds = SHIPPED[name]
+    monkeypatch.setenv("HF_USERNAME", "you")
+    config = load_config(Path(f"configs/{name}/sft.yaml"))
+    folder = tmp_path / family
+    if family == "gemma3":  # an image-text checkpoint, as google/gemma-3-4b-it
+        from tests.test_image_text import family_config
+
+        family_config("gemma3").save_pretrained(folder)
+    else:
+        sizes = FAMILIES.get(family, FAMILIES["llama"])
+        AutoConfig.for_model(family, **ATTENTION, **sizes).save_pretrained(folder)
+    targets = plan_lora_targets(config, BaseModel(name=str(folder), path=str(folder)))
+    assert set(targets.touched) == kinds
+    assert not targets.missed and not targets.warnings and not targets.unmatched
