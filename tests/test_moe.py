@@ -326,3 +326,27 @@ def test_a_quantized_base_is_refused_before_training(tmp_path, capsys, quantizat
     assert code == 2
     assert_one_error(err, message)
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe, a dense layer", "gpt_oss in bf16"])
+def test_both_verification_modes_agree_on_an_moe_merge(tmp_path, tiny_base, family):
+    """Whole, and streamed block by block with peft's wrappers on the offloaded experts."""
+    from transformers import AutoTokenizer
+
+    from llm_finetune.verify import verify
+    from tests.test_verify_bounded import PROMPTS, assert_same_check, least_memory
+
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    moe_base(base, family, torch.bfloat16, vocab_size=len(tokenizer))
+    moe_adapter(base, adapter, family)
+    for folder in (base, adapter):
+        tokenizer.save_pretrained(folder)
+    merge(str(base), adapter, merged, dtype="bfloat16")
+
+    whole = verify(str(base), adapter, merged, PROMPTS, max_new_tokens=4)
+    least = least_memory(base, adapter, merged)
+    bounded = verify(str(base), adapter, merged, PROMPTS, max_new_tokens=4, max_memory=least)
+
+    assert whole.passed
+    assert_same_check(whole, bounded)
