@@ -195,6 +195,11 @@ def place(
             )
         experts = wrapper.shape[0] if len(wrapper.shape) == 3 else 1
         if placed[0].expert is None:  # one tensor, all experts (or a 2-D parameter)
+            if len(placed) != 1:
+                raise UserError(
+                    f"LoRA on {name}: the checkpoint stores {len(placed)} tensors transformers "
+                    "loads it from, where it loads one; pass the base the adapter was trained on"
+                )
             (piece,) = placed
             want = wrapper.shape if not piece.transposed else (experts, *wrapper.shape[:0:-1])
             _check_stored(name, piece.key, stored[piece.key], want)

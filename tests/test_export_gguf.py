@@ -224,7 +224,12 @@ FAKE_CONVERTER = """
             os.kill(os.getpid(), signal.SIGKILL)
 """
 FAKE_BASE = """
-    class TextModel:
+    class ModelBase:
+        @staticmethod
+        def load_hparams(dir_model, is_mistral_format):
+            return {}
+
+    class TextModel(ModelBase):
         def get_vocab_base_pre(self, tokenizer):
             return "llama-bpe"
 """
