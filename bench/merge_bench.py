@@ -28,7 +28,6 @@ GOALS = {"time_vs_cp": 1.5, "time_vs_peft": 0.6, "rss_vs_peft": 0.2}
 def build_checkpoint(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int, r: int):
     """Write a bf16 Llama checkpoint (one shard per two layers) and an r-rank LoRA adapter."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     if (folder / "done").is_file():
@@ -82,6 +81,17 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, intermediate: int, 
             "lm_head.weight": rand(vocab, hidden),
         }
     )
+    write_checkpoint(folder, shards, lora, r, {"target_modules": TARGETS})
+
+
+def write_checkpoint(
+    folder: Path, shards: list[dict], lora: dict, r: int, adapter_config: dict
+) -> None:
+    """The base's shards and index, the adapter's tensors and config (rank r, alpha 2r, and
+    `adapter_config`), then the mark that `folder` is complete."""
+    from safetensors.torch import save_file
+
+    base, adapter = folder / "base", folder / "adapter"
     weight_map, total = {}, 0
     for n, tensors in enumerate(shards, 1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
@@ -91,20 +101,17 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, intermediate: int, 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": r,
-                "lora_alpha": 2 * r,
-                "lora_dropout": 0.0,
-                "target_modules": TARGETS,
-                "bias": "none",
-                "base_model_name_or_path": str(base),
-            }
-        )
-    )
+    settings = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        **adapter_config,
+        "bias": "none",
+        "base_model_name_or_path": str(base),
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
     (folder / "done").write_text("ok")
 
 

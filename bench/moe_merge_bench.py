@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from merge_bench import bench_parser, build_checkpoint, contender
+from merge_bench import bench_parser, build_checkpoint, contender, write_checkpoint
 
 GOALS = {"time_vs_dense": 1.2, "rss_vs_shard_and_adapter": 1.5}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -33,7 +33,6 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def build_moe_checkpoint(folder: Path, layers: int, hidden: int, expert: int, experts: int, r: int):
     """A bf16 Qwen3-MoE checkpoint (one shard per layer) and peft's adapter layout for it."""
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
     if (folder / "done").is_file():
@@ -93,34 +92,14 @@ def build_moe_checkpoint(folder: Path, layers: int, hidden: int, expert: int, ex
             "lm_head.weight": rand(32000, hidden),
         }
     )
-    weight_map, total = {}, 0
-    for n, tensors in enumerate(shards, 1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, base / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (base / "model.safetensors.index.json").write_text(json.dumps(index))
-    save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     pattern = r".*\.gate_up_proj"
-    (adapter / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": r,
-                "lora_alpha": 2 * r,
-                "lora_dropout": 0.0,
-                "target_modules": ATTENTION,
-                "target_parameters": ["gate_up_proj", "down_proj"],
-                "rank_pattern": {pattern: 2 * r},
-                "alpha_pattern": {pattern: 4 * r},
-                "bias": "none",
-                "base_model_name_or_path": str(base),
-            }
-        )
-    )
-    (folder / "done").write_text("ok")
+    peft_layout = {
+        "target_modules": ATTENTION,
+        "target_parameters": ["gate_up_proj", "down_proj"],
+        "rank_pattern": {pattern: 2 * r},
+        "alpha_pattern": {pattern: 4 * r},
+    }
+    write_checkpoint(folder, shards, lora, r, peft_layout)
 
 
 def main() -> None:
