@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune import __version__
+from llm_finetune.fsutil import read_json_object
 from llm_finetune.lora_targets import lands_on
 
 if TYPE_CHECKING:
@@ -217,7 +217,8 @@ def _auto_class(folder: Path) -> str:
     from llm_finetune.checkpoint_names import model_class
 
     config = folder / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    fix = f"write {folder} again with save_pretrained"
+    model_type = read_json_object(config, fix).get("model_type") if config.is_file() else None
     return model_class(model_type or "").__name__
 
 

@@ -114,6 +114,7 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
         if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper)
     } | set(parameters)
     configured = config.lora.target_modules
+    rewritten = "experts" in _by_kind(set(parameters))  # peft moved the MLP names there
     targets = LoraTargets(
         model_type=model_config.model_type,
         modules=len(touched),
@@ -126,7 +127,7 @@ def plan_lora_targets(config: Config, base: BaseModel) -> LoraTargets:
             t
             for t in configured
             if not any(p == t or p.endswith(f".{t}") for p in modules)
-            and not (t in MLP_NAMES and "experts" in _by_kind(set(parameters)))  # rewritten
+            and not (t in MLP_NAMES and rewritten)
         ),
     )
     check_foldable(model, parameters)  # before training: the merge can put it back

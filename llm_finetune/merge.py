@@ -147,8 +147,7 @@ def base_shards(folder: Path) -> list[Path]:
 
 
 def refuse_quantized_base(config: dict[str, Any], base: str) -> None:
-    quantization = config.get("quantization_config")
-    if not quantization:
+    if not config.get("quantization_config"):
         return
     if is_mxfp4(config):
         raise UserError(

@@ -19,6 +19,13 @@ from llm_finetune.merge import merge
 from tests.test_tokenizer_files import sentencepiece_model
 
 # Distinct sizes: hidden 64, MLP 96 (each expert 48; GPT-2's 4 x 64, which its converter assumes).
+PHI3 = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 SIZES = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),  # MLP 4 x 64, as GPT-2
     "gpt_neox": dict(
@@ -36,19 +43,10 @@ SIZES = {
         new_decoder_architecture=False,
         parallel_attn=True,
     ),
-    "phi3": dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "phi3": PHI3,
     "phimoe": dict(
-        hidden_size=64,
+        PHI3,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
         # as Phi-3.5-MoE's config.json has them
