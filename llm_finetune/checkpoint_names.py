@@ -30,6 +30,15 @@ def model_class(model_type: str) -> Any:
     return AutoModelForCausalLM
 
 
+def auto_classes(model_type: str) -> list[Any]:
+    """The Auto classes an adapter on this checkpoint may have been trained with: the one it
+    loads with (`model_class`) first, then the causal-LM and the image-text class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    first = model_class(model_type)
+    return list(dict.fromkeys([first, AutoModelForCausalLM, AutoModelForImageTextToText]))
+
+
 def load_pretrained(path: str, **kwargs: Any) -> Any:
     """`from_pretrained` with the Auto class the checkpoint loads with (`model_class`)."""
     from transformers import AutoConfig
@@ -84,15 +93,14 @@ def checkpoint_names(
     missing = [name for name in wanted if name not in checkpoint_keys]
     if not missing:  # the common case: nothing to import (transformers alone is ~100 MB)
         return {}
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     try:
         model_config = AutoConfig.from_pretrained(config_folder)
     except Exception:  # noqa: BLE001 - custom code, an unknown type: the names stay as they are
         return {}
     best: dict[str, str] = {}
-    first = model_class(model_config.model_type)
-    for auto_class in dict.fromkeys([first, AutoModelForCausalLM, AutoModelForImageTextToText]):
+    for auto_class in auto_classes(model_config.model_type):
         try:
             names = loaded_names(meta_model(model_config, auto_class), checkpoint_keys)
         except Exception:  # noqa: BLE001 - this class does not take this config

@@ -20,22 +20,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.adapter import PREFIX, LoraModule, ParameterLora, Wrapper
+from llm_finetune.adapter import PARTS, PREFIX, LoraModule, ParameterLora, Wrapper
 from llm_finetune.errors import UserError, first_line
 
 
-def _meta_model(config_folder: Path) -> Any:
+def _meta_model(config_folder: Path, holding: set[str]) -> Any:
+    """The base on the meta device, built by the Auto class whose modules and parameters
+    include `holding`: an adapter on an image-text checkpoint may come from either class, and
+    their names differ (`model.language_model.layers` or `model.layers`)."""
     from transformers import AutoConfig
 
-    from llm_finetune.checkpoint_names import meta_model
+    from llm_finetune.checkpoint_names import auto_classes, meta_model
 
     try:
-        return meta_model(AutoConfig.from_pretrained(config_folder))
+        model_config = AutoConfig.from_pretrained(config_folder)
+        first, *others = auto_classes(model_config.model_type)
+        model = meta_model(model_config, first)
     except Exception as exc:  # noqa: BLE001 - custom code, an unknown type
         raise UserError(
             f"LoRA on fused parameters (target_parameters) is merged by rebuilding the base's "
             f"modules, which failed for {str(config_folder)!r}: {first_line(exc)}"
         ) from None
+    if _holds(model, holding):
+        return model
+    for auto_class in others:
+        try:
+            other = meta_model(model_config, auto_class)
+        except Exception:  # noqa: BLE001, S112 - this class does not take this config
+            continue
+        if _holds(other, holding):
+            return other
+    return model
+
+
+def _holds(model: Any, names: set[str]) -> bool:
+    held = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    return names <= held
 
 
 def wrappers(model: Any) -> dict[str, Wrapper]:
@@ -65,7 +85,7 @@ def adapter_wrappers(adapter_dir: Path, config_folder: Path) -> dict[str, Wrappe
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = _meta_model(config_folder)
+    model = _meta_model(config_folder, _adapted_modules(adapter_dir))
     try:
         settings = LoraConfig.from_pretrained(str(adapter_dir))
         with torch.device("meta"):  # the LoRA weights too: shapes only, no initialisation
@@ -76,6 +96,22 @@ def adapter_wrappers(adapter_dir: Path, config_folder: Path) -> dict[str, Wrappe
             f"({first_line(exc)}); pass the base the adapter was trained on"
         ) from None
     return wrappers(peft_model)
+
+
+def _adapted_modules(adapter_dir: Path) -> set[str]:
+    """The base's modules the adapter's tensors belong to (peft's nesting taken off), read
+    from the file's header; none where there is no file to read, which read_adapter reports."""
+    from llm_finetune.safetensors_stream import read_header
+
+    weights_file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        return set()
+    modules = set()
+    for key in read_header(weights_file).tensors:
+        match = PARTS.match(key.removeprefix(PREFIX))
+        if match:
+            modules.add(re.sub(r"(\.base_layer)+$", "", match["module"]))
+    return modules
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,8 +217,8 @@ def place(
     """stored tensor -> the LoRA updates it receives, as `LoraModule`s in its own layout
     (`expert` set where the tensor holds all experts): what peft's forward pass adds to the
     in-memory parameter, read back through transformers' conversion."""
-    model = _meta_model(config_folder)
     by_parameter = {p.wrapper.parameter: p for p in loras.values()}
+    model = _meta_model(config_folder, set(by_parameter))
     found = pieces(model, {n: p.wrapper for n, p in by_parameter.items()}, stored)
     updates: dict[str, list[Any]] = {}
     for name, lora in by_parameter.items():

@@ -74,6 +74,36 @@ def family_config(family: str):
             video_token_id=VOCAB - 2,
             vision_start_token_id=VOCAB - 3,
         )
+    experts = dict(num_experts=4, moe_intermediate_size=48)  # hidden 64, a dense MLP 80
+    if family == "qwen3_5_moe":  # Qwen3.5-35B-A3B's shape: linear attention, a shared expert
+        config = family_config("qwen3_5")
+        text = {k: v for k, v in config.text_config.to_dict().items() if k != "intermediate_size"}
+        return transformers.Qwen3_5MoeConfig(
+            text_config=dict(
+                text, **experts, num_experts_per_tok=2, shared_expert_intermediate_size=80
+            ),
+            vision_config=config.vision_config.to_dict(),
+            image_token_id=VOCAB - 1,
+            video_token_id=VOCAB - 2,
+            vision_start_token_id=VOCAB - 3,
+        )
+    if family == "gemma4":  # Gemma 4 26B-A4B's shape: a dense MLP beside the experts
+        text = dict(TEXT, intermediate_size=80, layer_types=["sliding_attention", "full_attention"])
+        return transformers.Gemma4Config(
+            text_config=dict(
+                text,
+                **experts,
+                enable_moe_block=True,
+                top_k_experts=2,
+                num_global_key_value_heads=2,
+                global_head_dim=32,
+                vocab_size_per_layer_input=VOCAB,
+                hidden_size_per_layer_input=16,
+            ),
+            vision_config=dict(TOWER, head_dim=16),
+            audio_config=None,
+            image_token_id=VOCAB - 1,
+        )
     assert family == "gpt_neox"
     sizes = {k: TEXT[k] for k in ("vocab_size", "hidden_size", "intermediate_size")}
     return transformers.GPTNeoXConfig(
@@ -122,6 +152,45 @@ def test_the_merge_writes_into_the_checkpoints_own_names(tmp_path, family):
     ).eval()
     reloaded = load_pretrained(str(merged), dtype=torch.float32).eval()
     assert type(reloaded).__name__ == type(reference.base_model.model).__name__
+    with torch.no_grad():
+        difference = (reference(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs()
+    assert difference.max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "gemma4"])
+@pytest.mark.parametrize("trained_with", ["AutoModelForCausalLM", "AutoModelForImageTextToText"])
+def test_lora_on_the_experts_of_an_image_text_checkpoint_merges(tmp_path, family, trained_with):
+    """Experts under the language model, the adapter from either class (ours trains with the
+    causal-LM one; Unsloth's vision path and others with the image-text one): merged into the
+    file's names, towers untouched, equal to peft's forward pass."""
+    from tests.test_moe import stored
+
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(family_config(family)).save_pretrained(
+        base, max_shard_size="300KB"
+    )
+    save_tokenizer(base)
+    model = getattr(transformers, trained_with).from_pretrained(base, dtype=torch.float32)
+    settings = lora_config(tiny_config(adapter, lora={"target_modules": DEFAULT}), model)
+    settings.init_lora_weights = False
+    get_peft_model(model, settings).save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+
+    report = merge(str(base), adapter, merged, dtype="float32")
+
+    before, after = stored(base), stored(merged)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k])}
+    experts = {k for k in before if ".experts." in k}
+    assert experts and experts <= changed
+    assert all(k.startswith("model.language_model.") for k in changed)
+    assert report.lora_modules_merged == report.lora_modules_found
+    ids = torch.randint(0, VOCAB - 4, (2, 12))
+    reference = PeftModel.from_pretrained(
+        getattr(transformers, trained_with).from_pretrained(base, dtype=torch.float32), adapter
+    ).eval()
+    reloaded = load_pretrained(str(merged), dtype=torch.float32).eval()
     with torch.no_grad():
         difference = (reference(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs()
     assert difference.max().item() <= 1e-5

@@ -1,6 +1,7 @@
 """LoRA on MoE experts (peft's target_parameters on transformers 5's fused expert tensors),
-merged into the checkpoint's own layout: per-expert tensors (Qwen-MoE, OLMoE, DeepSeek-V3,
-Mixtral's w1/w3/w2) with gate_up_proj split back into gate and up, or fused tensors (gpt-oss),
+merged into the checkpoint's own layout: per-expert tensors (Qwen-MoE, Qwen3.5-MoE, OLMoE,
+DeepSeek-V3, GLM-4.5, Mixtral's w1/w3/w2) with gate_up_proj split back into gate and up, or
+fused tensors (gpt-oss, Gemma 4, Llama 4, GraniteMoE's renamed ones),
 the rank and alpha peft doubles for gate_up_proj honoured. Checked against peft's forward pass.
 
 Sizes are distinct (hidden 64, each expert 48, gate_up 96, a dense MLP 80) so that a transposed
@@ -97,6 +98,72 @@ FAMILIES = {
         "all-linear",
         set(),
     ),
+    "glm4_moe (GLM-4.5), dense + shared + routed": (
+        "glm4_moe",
+        dict(
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+        "all-linear",
+        {"mlp"},
+    ),
+    "qwen3_5_moe text, linear attention + shared expert": (
+        "qwen3_5_moe_text",
+        dict(
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            **EXPERTS,
+        ),
+        DEFAULT,
+        set(),
+    ),
+    "gemma4 text, a dense MLP beside the experts": (
+        "gemma4_text",
+        dict(
+            intermediate_size=80,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=48,
+            layer_types=["sliding_attention", "full_attention"],
+            num_global_key_value_heads=2,
+            global_head_dim=32,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=16,
+        ),
+        DEFAULT,
+        {"mlp"},
+    ),
+    "granitemoe, fused and renamed on disk": (
+        "granitemoe",
+        dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+        DEFAULT,
+        set(),
+    ),
+    "llama4 text, a shared expert": (
+        "llama4_text",
+        dict(
+            intermediate_size=48,
+            intermediate_size_mlp=80,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            moe_layers=[0, 1],
+            layer_types=["chunked_attention", "full_attention"],
+        ),
+        DEFAULT,
+        set(),
+    ),
     "gpt_oss in bf16": (
         "gpt_oss",
         dict(
@@ -158,7 +225,8 @@ def test_lora_on_experts_merges_into_the_checkpoints_layout(tmp_path, family):
     assert before.keys() == after.keys()
     assert all(before[k].shape == after[k].shape for k in before)
     changed = {k for k in before if not torch.equal(before[k].float(), after[k])}
-    experts = {k for k in before if ".experts." in k and "bias" not in k}
+    granite = ("input_linear.weight", "output_linear.weight")  # its fused experts, on disk
+    experts = {k for k in before if (".experts." in k or k.endswith(granite)) and "bias" not in k}
     assert experts and experts <= changed  # every expert, gate and up and down
     routers = {k for k in before if k.endswith((".gate.weight", ".router.weight"))}
     assert bool(routers & changed) == ("gate" in also)
