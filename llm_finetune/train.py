@@ -19,6 +19,7 @@ from llm_finetune.distributed import (
     world_size,
 )
 from llm_finetune.fsutil import atomic_dir
+from llm_finetune.runlog import log
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -141,9 +142,86 @@ def training_arguments(config: Config, checkpoints: Path) -> Any:
     )
 
 
+def _base_model(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _balance_loss_coefficient(model: Any, args: Any) -> float:
+    """The weight of the MoE load-balancing loss trl adds (0 for a dense model): trl turns it
+    on wherever the config has output_router_logits and a coefficient, whatever the config's
+    own output_router_logits says."""
+    text_config = _base_model(model).config.get_text_config()
+    if not hasattr(text_config, "output_router_logits"):
+        return 0.0
+    if args.router_aux_loss_coef is not None:
+        return args.router_aux_loss_coef
+    return getattr(text_config, "router_aux_loss_coef", 0.0) or 0.0
+
+
+def balance_loss_problem(model: Any) -> str | None:
+    """Why this MoE's forward cannot add the load-balancing loss, found from its classes (no
+    forward pass): in transformers 5.17 GraniteMoE's decoder records no router logits (its
+    loss is the int 0) and Llama 4's causal LM returns no aux_loss; both fail at the first step."""
+    import dataclasses
+    import typing
+
+    base = _base_model(model)
+    if not any(
+        "router_logits" in (getattr(m, "_can_record_outputs", None) or {}) for m in base.modules()
+    ):
+        return f"{type(base).__name__}'s decoder does not record its router logits"
+    returned = typing.get_type_hints(type(base).forward).get("return")
+    outputs = [t for t in typing.get_args(returned) or (returned,) if dataclasses.is_dataclass(t)]
+    if outputs and not any("aux_loss" in {f.name for f in dataclasses.fields(t)} for t in outputs):
+        return f"{type(base).__name__} returns no aux_loss"
+    return None
+
+
+# Config keys by which a causal LM scales its logits (or the hidden states before the head)
+# that trl's chunked loss does not apply (it applies logit_scale, output_multiplier and
+# final_logit_softcapping): Granite's and MiniCPM3's logits_scaling, Falcon-H1's
+# lm_head_multiplier. Found by reading transformers 5.17's modeling files for what follows
+# `lm_head(`; the chunked loss would train such a model on logits its own forward never makes.
+UNCHUNKED_LOGIT_SCALES = ("logits_scaling", "lm_head_multiplier")
+
+
+def sft_loss_type(model: Any, args: Any) -> str:
+    """trl's default, its chunked cross-entropy (the head's matmul only on trained tokens),
+    where that computes the model's own loss; else the model's own loss, "nll". The chunked
+    path reads the head's weight directly, so trl refuses it when LoRA is on lm_head; it runs
+    the decoder as `base_model`, which Llama 4's causal LM does not name (it is the model
+    itself); it reads `num_experts` for a MoE's load-balancing loss, which PhiMoE's and
+    GraniteMoE's configs call otherwise (these fail at the first step); and it leaves out
+    the logit scales in UNCHUNKED_LOGIT_SCALES (silently)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if args.loss_type != "chunked_nll":
+        return args.loss_type
+    base = _base_model(model)
+    if isinstance(base.get_output_embeddings(), BaseTunerLayer) or base.base_model is base:
+        return "nll"
+    text_config = base.config.get_text_config()
+    if any(getattr(text_config, key, 1.0) != 1.0 for key in UNCHUNKED_LOGIT_SCALES):
+        return "nll"
+    counts = all(hasattr(text_config, k) for k in ("num_experts", "num_experts_per_tok"))
+    if _balance_loss_coefficient(model, args) and not counts:
+        return "nll"
+    return "chunked_nll"
+
+
+def fit_to_model(args: Any, model: Any) -> None:
+    """Adjust trl's settings where its defaults fail on this model, saying so."""
+    if _balance_loss_coefficient(model, args) and (problem := balance_loss_problem(model)):
+        log(f"    no MoE load-balancing loss: {problem} in this transformers")
+        args.router_aux_loss_coef = 0.0
+    if hasattr(args, "dataset_text_field"):  # SFT
+        args.loss_type = sft_loss_type(model, args)
+
+
 def build_trainer(
     config: Config, args: Any, model: Any, tokenizer: Any, splits: DatasetDict
 ) -> Any:
+    fit_to_model(args, model)
     if config.method == "dpo":
         from trl import DPOTrainer
 

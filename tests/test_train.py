@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -110,3 +111,65 @@ def test_the_lora_init_follows_training_seed_not_the_processs_random_state(tiny_
 
     assert torch.equal(lora_a(seed=3, rng_state=1), lora_a(seed=3, rng_state=2))
     assert not torch.equal(lora_a(seed=3, rng_state=1), lora_a(seed=4, rng_state=1))
+
+
+def _train_briefly(tmp_path, base: str, **lora):
+    """Two SFT steps on `base` through the hf backend; the trainer's result."""
+    from llm_finetune.backends.hf import HFBackend
+    from llm_finetune.base_model import BaseModel
+    from llm_finetune.data import format_dataset, load_raw
+    from llm_finetune.train import train, training_arguments
+
+    config = tiny_config(
+        tmp_path,
+        model={"name": base, "max_seq_length": 64},
+        lora={"r": 4, "alpha": 8, **lora},
+        training={"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1},
+    )
+    args = training_arguments(config, tmp_path / "ckpt")
+    model, tokenizer = HFBackend().load_for_training(config, BaseModel(base, base))
+    splits = format_dataset(load_raw(config.data), config.data, tokenizer)
+    return args, train(config, args, model, tokenizer, splits, tmp_path / "adapter")
+
+
+def test_lora_on_the_head_trains_with_the_models_own_loss(tmp_path, tiny_base):
+    """trl's default chunked loss reads lm_head's weight directly and refuses a LoRA head."""
+    args, result = _train_briefly(tmp_path, tiny_base, target_modules=["q_proj", "lm_head"])
+
+    assert args.loss_type == "nll"
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "lm_head" in saved["target_modules"]
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "loss_type", "balance_loss"),
+    [
+        ("qwen3_moe, a dense layer", {}, "chunked_nll", True),  # trl's defaults work
+        ("phimoe, renamed on load", {}, "nll", True),  # no num_experts for trl's chunked loss
+        ("granitemoe, fused and renamed on disk", {}, "chunked_nll", False),  # no router logits
+        ("granitemoe, fused and renamed on disk", {"logits_scaling": 8.0}, "nll", False),
+        ("llama4 text, a shared expert", {}, "nll", False),  # returns no aux_loss
+    ],
+)
+def test_families_train_where_trls_defaults_would_fail(
+    tmp_path, tiny_base, capsys, family, changes, loss_type, balance_loss
+):
+    """Each of these stops at the first step (or, for Granite's logits_scaling, trains on
+    other logits than the model makes) with trl's defaults."""
+    from transformers import AutoTokenizer
+
+    from tests.test_moe import moe_base
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    moe_base(tmp_path / "base", family, vocab_size=len(tokenizer), **specials, **changes)
+    tokenizer.save_pretrained(tmp_path / "base")
+
+    args, result = _train_briefly(tmp_path, str(tmp_path / "base"))
+
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    assert args.loss_type == loss_type
+    assert (args.router_aux_loss_coef != 0.0) == balance_loss
+    said = "no MoE load-balancing loss" in capsys.readouterr().out
+    assert said == (not balance_loss)
