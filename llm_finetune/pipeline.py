@@ -333,6 +333,12 @@ def verify_stage(
     log(f"    sample: {config.verify.prompts[0]!r} -> {result['sample_generation']!r}")
     if "mode" in result:  # a merge checked before the mode was recorded has none
         log(f"    {check_cost(result)}")
+    if result.get("rerouted_tokens"):  # a MoE: near-tied expert choices flipped by rounding
+        log(
+            f"    {result['rerouted_tokens']} prompt token(s) routed to other experts than by "
+            f"base+adapter, left out of max |Δlogit| ({result['routing_agreement']:.1%} of the "
+            "expert choices agree)"
+        )
     if result["generations_agree"] < result["prompts"]:
         log("    warning: some greedy generations differ (near-tied logits after rounding)")
     if result["adapter_effect_max_abs_logit_diff"] <= result["tolerance"]:

@@ -416,5 +416,79 @@ def test_both_verification_modes_agree_on_an_moe_merge(tmp_path, tiny_base, fami
     least = least_memory(base, adapter, merged)
     bounded = verify(str(base), adapter, merged, PROMPTS, max_new_tokens=4, max_memory=least)
 
-    assert whole.passed
+    assert whole.passed and whole.routing_agreement is not None  # the routing was recorded
     assert_same_check(whole, bounded)
+
+
+def _rerouted_copy(base: Path, merged: Path, tokens: torch.Tensor) -> int:
+    """`merged`: `base` with its last router nudged so that exactly one of `tokens` goes to
+    another expert, as 16-bit rounding of a merge can flip a near-tie; returns that token."""
+    import shutil
+
+    shutil.copytree(base, merged)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    router = model.model.layers[-1].mlp.gate
+    inputs = []
+    router.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        model(input_ids=tokens)
+    hidden = inputs[0]  # tokens x hidden, fewer tokens than dimensions
+    logits = hidden @ router.weight.T
+    ranked = logits.sort(dim=-1, descending=True)
+    gaps = ranked.values[:, 1] - ranked.values[:, 2]  # top-2 of 4
+    token = int(gaps.argmin())
+    outside = int(ranked.indices[token, 2])
+    only_this_token = torch.linalg.pinv(hidden)[:, token]  # h_s . v = 1 for s = token, else 0
+    weights = stored(base)
+    key = "model.layers.1.mlp.gate.weight"
+    weights[key] = weights[key].clone()
+    weights[key][outside] += (gaps[token] + 0.5) * only_this_token
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    return token
+
+
+def test_verify_leaves_out_a_token_that_rounding_sends_to_other_experts(tmp_path, tiny_base):
+    """A merged MoE differs from base+adapter by rounding, which can flip a near-tie between
+    two experts: that token's logits jump by far more than the tolerance. verify compares the
+    tokens routed alike and counts the others; a merge that reroutes most tokens fails."""
+    from transformers import AutoTokenizer
+
+    from llm_finetune.verify import VerificationFailed, verify
+
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    sharded = tmp_path / "sharded"
+    moe_base(
+        sharded,
+        "qwen3_moe, a dense layer",
+        vocab_size=len(tokenizer),
+        mlp_only_layers=[],
+        initializer_range=0.2,  # experts that matter
+    )
+    AutoModelForCausalLM.from_pretrained(sharded).save_pretrained(base)  # one file to rewrite
+    tokenizer.save_pretrained(base)
+    reference = AutoModelForCausalLM.from_pretrained(base).eval()
+    prompt = "Write 47."
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        sequence = reference.generate(ids, max_new_tokens=4, do_sample=False)
+    token = _rerouted_copy(base, merged, sequence)
+    adapter_model = get_peft_model(reference, lora_config(tiny_config(tmp_path), reference))
+    adapter_model.save_pretrained(adapter)  # B = 0: base+adapter is the base
+    with torch.no_grad():
+        rerouted = AutoModelForCausalLM.from_pretrained(merged).eval()(sequence).logits[0]
+        jump = (rerouted - reference(sequence).logits[0]).abs().max(dim=-1).values
+    assert token < ids.shape[1]  # a prompt token, which verify compares
+    assert jump[token] > 0.05 and jump.max() == jump[token]
+
+    report = verify(str(base), adapter, merged, [prompt], max_new_tokens=4)
+
+    assert report.passed and report.rerouted_tokens == 1
+    assert report.max_abs_logit_diff <= report.tolerance < jump[token]
+    assert report.routing_agreement == 1 - 1 / (2 * ids.shape[1])
+    weights = stored(merged)
+    key = "model.layers.1.mlp.gate.weight"
+    weights[key] = weights[key].roll(1, dims=0)  # a broken router: every token elsewhere
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(VerificationFailed, match="^merged model differs from base"):
+        verify(str(base), adapter, merged, [prompt], max_new_tokens=4)
