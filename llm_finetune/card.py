@@ -192,6 +192,8 @@ def card_rows(
         ("merge check: max abs logit diff vs base+adapter", verify.get("max_abs_logit_diff")),
         ("merge check: tolerance", verify.get("tolerance")),
         ("merge check: greedy generations agreeing", verify.get("generations_agree")),
+        ("merge check: MoE expert choices agreeing", verify.get("routing_agreement")),
+        ("merge check: tokens routed otherwise, left out", verify.get("rerouted_tokens") or None),
         ("merge check: mode", f"{mode} ({MODES[mode]})" if mode else None),
         ("merge check: peak memory", peak_memory_text(verify)),
         ("merge check: seconds", verify.get("seconds")),

@@ -8,11 +8,12 @@ dataset of long Alpaca rows, then runs `llm-finetune run` once per backend, each
 process (Unsloth must be imported first in its process): a few dozen SFT steps, the
 merged_16bit save (Unsloth's GPU path, unsloth/save.py, on the GPU), verification against
 base+adapter, publishing to a local Hub-compatible server and loading it back; then, as
-correctness checks of a few steps, the unsloth backend trained in 4-bit (QLoRA: the merge must
-read the original 16-bit base) and the hf backend under FSDP (configs/accelerate/fsdp.yaml,
-one process). All of it stops within --budget seconds, so one device call holds it. Prints
-tokens/s of each backend and their ratio (goal: unsloth >= 1.8x hf), peak GPU memory,
-merge time and the verification figures; writes them to gpu-check.json in the work folder.
+correctness checks of a few steps, the unsloth backend on a Qwen3-MoE (LoRA on every expert,
+merged and verified), trained in 4-bit (QLoRA: the merge must read the original 16-bit base),
+and the hf backend under FSDP (configs/accelerate/fsdp.yaml, one process). All of it stops
+within --budget seconds, so one device call holds it. Prints tokens/s of each backend and their
+ratio (goal: unsloth >= 1.8x hf), peak GPU memory, merge time and the verification figures;
+writes them to gpu-check.json in the work folder.
 """
 
 from __future__ import annotations
@@ -73,6 +74,40 @@ def build_base(folder: Path, tiny: bool) -> str:
     return str(folder)
 
 
+def build_moe_base(folder: Path, tiny: bool) -> str:
+    """A bf16 Qwen3-MoE with random weights and the demo tokenizer: LoRA on its experts goes
+    through peft's target_parameters, and Unsloth's MoE path, which only a GPU runs."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from llm_finetune.demo import build_tokenizer
+
+    if (folder / "config.json").is_file():
+        return str(folder)
+    tokenizer = build_tokenizer()
+    size = (
+        dict(hidden_size=64, moe_intermediate_size=48, num_hidden_layers=2, num_experts=4)
+        if tiny
+        else dict(hidden_size=1024, moe_intermediate_size=384, num_hidden_layers=8, num_experts=32)
+    )
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=size["hidden_size"] // 8,
+        num_experts_per_tok=4,
+        intermediate_size=4 * size["hidden_size"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **size,
+    )
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def write_dataset(path: Path, rows: int, words: int) -> str:
     """Alpaca rows whose answers are `words` number words long: long sequences, as in SFT."""
     with path.open("w") as f:
@@ -105,12 +140,14 @@ def write_config(path: Path, base: str, data: str, args: argparse.Namespace) -> 
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
 
-def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
+def run_backend(
+    name: str, config: Path, work: Path, timeout_s: float, moe_base: str | None = None
+) -> dict:
     """`llm-finetune run` with backend `name` ("unsloth", "hf"), or a variant of it checked
     for correctness in a few steps: "<backend>-4bit" trains in 4-bit (model.load_in_4bit);
-    "<backend>-fsdp" runs under `accelerate launch` with configs/accelerate/fsdp.yaml in one
-    process (FSDP's wrapping, CPU-efficient loading and full-state-dict gather of the adapter,
-    on the one GPU)."""
+    "<backend>-moe" trains `moe_base` (LoRA on attention and every expert); "<backend>-fsdp"
+    runs under `accelerate launch` with configs/accelerate/fsdp.yaml in one process (FSDP's
+    wrapping, CPU-efficient loading and full-state-dict gather of the adapter, on the GPU)."""
     backend, _, variant = name.partition("-")
     out = work / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -121,6 +158,8 @@ def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
         overrides.append("training.max_steps=10")
     if variant == "4bit":
         overrides.append("model.load_in_4bit=true")
+    elif variant == "moe":
+        overrides.append(f"model.name={moe_base}")
     elif variant:
         accelerate_config = ROOT / "configs" / "accelerate" / f"{variant}.yaml"
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
@@ -165,7 +204,9 @@ def run_backend(name: str, config: Path, work: Path, timeout_s: float) -> dict:
         "merge_code_path": summary["merge"].get("code_path", "llm-finetune streaming merge"),
         "load_in_4bit": summary["config"]["model"]["load_in_4bit"],
         "merged_from": summary["merge"].get("merged_from"),
+        "lora_on": summary.get("lora_targets", {}).get("touched"),
         "verify_max_abs_logit_diff": verify.get("max_abs_logit_diff"),
+        "verify_routing_agreement": verify.get("routing_agreement"),  # a MoE's
         "verify_tolerance": verify.get("tolerance"),
         "generations_agree": f"{verify.get('generations_agree')}/{verify.get('prompts')}",
         "published_files": len(published.get("files", [])),
@@ -191,7 +232,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--backends", default=None, help="default: unsloth,hf,unsloth-4bit,hf-fsdp")
+    parser.add_argument(
+        "--backends", default=None, help="default: unsloth,hf,unsloth-moe,unsloth-4bit,hf-fsdp"
+    )
     parser.add_argument(
         "--timeout", type=float, default=170, help="seconds per backend before it is stopped"
     )
@@ -207,7 +250,7 @@ def main() -> int:
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget
     args.backends = args.backends or (
-        "unsloth,hf" if args.tiny else "unsloth,hf,unsloth-4bit,hf-fsdp"
+        "unsloth,hf" if args.tiny else "unsloth,hf,unsloth-moe,unsloth-4bit,hf-fsdp"
     )
     args.steps = args.steps or (6 if args.tiny else 40)
     args.batch = args.batch or (4 if args.tiny else 8)
@@ -220,6 +263,9 @@ def main() -> int:
     data = write_dataset(work / "data.jsonl", rows=args.batch * args.steps, words=words)
     config = work / "config.yaml"
     write_config(config, base, data, args)
+    moe_base = None
+    if any(b.endswith("-moe") for b in args.backends.split(",")):
+        moe_base = build_moe_base(work / ("moe-tiny" if args.tiny else "moe-base"), args.tiny)
     results = {}
     for backend in args.backends.split(","):
         print(f"==> {backend}", flush=True)
@@ -227,7 +273,8 @@ def main() -> int:
         if left < 30:
             results[backend] = {"backend": backend, "ok": False, "error": "not run: --budget spent"}
         else:
-            results[backend] = run_backend(backend, config, work, min(args.timeout, left))
+            timeout = min(args.timeout, left)
+            results[backend] = run_backend(backend, config, work, timeout, moe_base)
         print(json.dumps(results[backend], indent=2), flush=True)
         report(results, work, backend, args.report_to)  # after each: a lease may end early
     speeds = [results.get(b, {}).get("tokens_per_second") for b in ("unsloth", "hf")]

@@ -22,7 +22,7 @@ def test_the_gpu_check_runs_its_flow_on_the_cpu_and_reports_each_backend(tmp_pat
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "gpu_check.py"), "--tiny"]
         + ["--work", str(tmp_path / "work"), "--report-to", str(report_to)]
-        + ["--backends", "hf,unsloth-4bit,hf-fsdp", "--budget", "600"],
+        + ["--backends", "hf,hf-moe,unsloth-4bit,hf-fsdp", "--budget", "600"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -31,6 +31,7 @@ def test_the_gpu_check_runs_its_flow_on_the_cpu_and_reports_each_backend(tmp_pat
     assert sorted(p.name for p in report_to.iterdir()) == [
         "gpu-check.json",
         "hf-fsdp.log",
+        "hf-moe.log",
         "hf.log",
         "unsloth-4bit.log",
     ]
@@ -42,6 +43,10 @@ def test_the_gpu_check_runs_its_flow_on_the_cpu_and_reports_each_backend(tmp_pat
     assert hf["verify_max_abs_logit_diff"] <= hf["verify_tolerance"]
     assert hf["generations_agree"] == "1/1" and hf["published_files"] > 0
     assert isinstance(hf["load_back"], str)
+    moe = report["hf-moe"]
+    assert moe["ok"] and moe["lora_on"]["experts"] == ["down_proj", "gate_up_proj"]
+    assert moe["verify_max_abs_logit_diff"] <= moe["verify_tolerance"]
+    assert moe["verify_routing_agreement"] >= 0.75 and hf["verify_routing_agreement"] is None
     # The variants reach the pipeline with their overrides: 4-bit is refused without CUDA,
     # FSDP (accelerate launch) too, each with our one-line error.
     assert report["unsloth-4bit"] == {
