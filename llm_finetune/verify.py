@@ -327,7 +327,7 @@ def verify(
         sample_generation=tokenizer.decode(merged_generations[0], skip_special_tokens=True),
         mode=plan.mode,
         routing_agreement=agreement,
-        rerouted_tokens=sum(int((~k).sum()) for k in kept),
+        rerouted_tokens=sum(int(rerouted.sum()) for rerouted, _, _ in routed),
         **costs,
     )
     if not report.passed:
