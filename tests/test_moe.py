@@ -38,6 +38,17 @@ ATTENTION = dict(
     head_dim=16,
 )
 EXPERTS = dict(num_experts=4, num_experts_per_tok=2)
+# DeepSeek-V3's and GLM-4.5's layout: a dense first layer, then a shared and 4 routed experts
+DENSE_SHARED_ROUTED = dict(
+    intermediate_size=80,
+    moe_intermediate_size=48,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+)
 # name -> (model_type, its config, lora.target_modules, what the adapter touches besides
 # attention and the experts)
 FAMILIES = {
@@ -62,14 +73,7 @@ FAMILIES = {
     "deepseek_v3, dense + shared + routed": (
         "deepseek_v3",
         dict(
-            intermediate_size=80,
-            moe_intermediate_size=48,
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            n_group=1,
-            topk_group=1,
+            **DENSE_SHARED_ROUTED,
             q_lora_rank=32,
             kv_lora_rank=16,
             qk_rope_head_dim=8,
@@ -100,16 +104,7 @@ FAMILIES = {
     ),
     "glm4_moe (GLM-4.5), dense + shared + routed": (
         "glm4_moe",
-        dict(
-            intermediate_size=80,
-            moe_intermediate_size=48,
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            n_group=1,
-            topk_group=1,
-        ),
+        DENSE_SHARED_ROUTED,
         "all-linear",
         {"mlp"},
     ),
