@@ -205,14 +205,14 @@ def _routed_logits(model: Any, device: Any, sequences: list[Any]) -> tuple[list[
     return logits, routes
 
 
-def _rerouted(mine: list[Any], theirs: list[Any], length: int) -> tuple[Any, int, int]:
+def _rerouted(reference: list[Any], merged: list[Any], length: int) -> tuple[Any, int, int]:
     """The first `length` tokens some layer routes differently (a bool mask), how many
     (layer, token) choices differ, and how many were compared."""
     import torch
 
     rerouted = torch.zeros(length, dtype=torch.bool)
     differ = total = 0
-    for a, b in zip(mine, theirs, strict=True):
+    for a, b in zip(reference, merged, strict=True):
         changed = (a[:length] != b[:length]).any(dim=-1)
         rerouted |= changed
         differ, total = differ + int(changed.sum()), total + length
@@ -292,7 +292,7 @@ def verify(
     ]
     kept = [~rerouted for rerouted, _, _ in routed]
     if not any(k.any() for k in kept):  # nothing routed alike: compare every token
-        kept = [k | True for k in kept]
+        kept = [torch.ones_like(k) for k in kept]
     diff = max(
         float((a - b)[k].abs().max()) if k.any() else 0.0
         for (a, b), k in zip(prompt_logits, kept, strict=True)

@@ -191,6 +191,19 @@ def moe_base(folder: Path, family: str, dtype=torch.float32, **changes) -> None:
     )
 
 
+def trainable_moe_base(folder: Path, family: str, tiny_base: str, dtype=torch.float32, **changes):
+    """A `family` base that the demo's config trains: the demo's tokenizer and chat template,
+    the vocabulary and special tokens sized to them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    moe_base(folder, family, dtype, vocab_size=len(tokenizer), **specials, **changes)
+    tokenizer.save_pretrained(folder)
+    for template in Path(tiny_base).glob("*.jinja"):
+        (folder / template.name).write_bytes(template.read_bytes())
+
+
 def moe_adapter(base: Path, folder: Path, family: str) -> dict:
     """LoRA as training makes it (the hf backend's settings), random B so it changes the
     model; returns its adapter_config.json."""
@@ -314,22 +327,9 @@ def test_a_conversion_the_merge_cannot_read_backwards_is_refused_before_training
 @pytest.mark.slow
 def test_a_qwen3_moe_runs_end_to_end_with_the_default_targets(tmp_path, tiny_base, capsys):
     """Trains attention and the experts, merges, verifies, exports (GGUF included), publishes."""
-    from transformers import AutoTokenizer
-
     folder, out = tmp_path / "qwen3_moe", tmp_path / "out"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    specials = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    moe_base(
-        folder,
-        "qwen3_moe, a dense layer",
-        torch.bfloat16,
-        vocab_size=len(tokenizer),
-        mlp_only_layers=[],
-        **specials,
-    )
-    tokenizer.save_pretrained(folder)
-    for template in Path(tiny_base).glob("*.jinja"):
-        (folder / template.name).write_bytes(template.read_bytes())
+    family = "qwen3_moe, a dense layer"
+    trainable_moe_base(folder, family, tiny_base, torch.bfloat16, mlp_only_layers=[])
 
     code, out_text, err = run_cli(
         [

@@ -157,14 +157,9 @@ def test_families_train_where_trls_defaults_would_fail(
 ):
     """Each of these stops at the first step (or, for Granite's logits_scaling, trains on
     other logits than the model makes) with trl's defaults."""
-    from transformers import AutoTokenizer
+    from tests.test_moe import trainable_moe_base
 
-    from tests.test_moe import moe_base
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    specials = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    moe_base(tmp_path / "base", family, vocab_size=len(tokenizer), **specials, **changes)
-    tokenizer.save_pretrained(tmp_path / "base")
+    trainable_moe_base(tmp_path / "base", family, tiny_base, **changes)
 
     args, result = _train_briefly(tmp_path, str(tmp_path / "base"))
 
