@@ -12,6 +12,7 @@ from llm_finetune.lora_targets import lands_on
 if TYPE_CHECKING:
     from llm_finetune.base_model import BaseModel
     from llm_finetune.config import Config
+    from llm_finetune.evaluate import Evaluation
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -52,8 +53,8 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 {% if comparison %}
 ## Before and after
 
-The base model and this model on the same {{ heldout_rows }} held-out rows, which were not
-trained on (mean next-token cross-entropy over every token, and its exponential):
+The base model and this model on the same held-out rows, which were not trained on:
+{{ comparison_source }}.
 
 | | base model | this model |
 |---|---|---|
@@ -61,6 +62,13 @@ trained on (mean next-token cross-entropy over every token, and its exponential)
 {% endfor %}{% if comparison_worse %}
 **Warning:** fine-tuning made the held-out loss worse.
 {% endif %}{% endif %}
+{% if samples %}
+Held-out answers, greedy, side by side:
+
+| prompt | expected | base model | this model |
+|---|---|---|---|
+{% for r in samples %}| {{ r.prompt }} | {{ r.expected }} | {{ r.base }} | {{ r.merged }} |
+{% endfor %}{% endif %}
 {% if plot_file %}
 ## Training curves
 
@@ -201,17 +209,104 @@ def card_rows(
     return training, [(k, v) for k, v in metrics if v is not None]
 
 
-def comparison_rows(heldout: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
-    """The before/after table from the summary's `heldout`: held-out loss and perplexity of
-    the base and of the merged model (none when the run measured none)."""
-    if not heldout or "merged" not in heldout:
-        return []
-    base, merged = heldout["base"], heldout["merged"]
-    return [
-        ("held-out loss", base["loss"], merged["loss"]),
-        ("held-out perplexity", base["perplexity"], merged["perplexity"]),
-        ("tokens", base["tokens"], merged["tokens"]),
+def comparison_rows(
+    heldout: dict[str, Any] | None, evaluation: Evaluation | None = None
+) -> list[tuple[str, Any, Any]]:
+    """The before/after table: the task metric on the held-out answers (`evaluation`), then
+    the held-out loss and perplexity (the summary's `heldout`); none when neither was
+    measured."""
+    rows: list[tuple[str, Any, Any]] = []
+    if evaluation is not None:
+        rows.append((evaluation.metric_name, evaluation.base.score, evaluation.merged.score))
+        if evaluation.merged.margin is not None:
+            label = "mean log p(chosen) - log p(rejected)"
+            rows.append((label, evaluation.base.margin, evaluation.merged.margin))
+    if heldout and "merged" in heldout:
+        base, merged = heldout["base"], heldout["merged"]
+        rows += [
+            ("held-out loss", base["loss"], merged["loss"]),
+            ("held-out perplexity", base["perplexity"], merged["perplexity"]),
+            ("held-out tokens", base["tokens"], merged["tokens"]),
+        ]
+    return rows
+
+
+def comparison_source(heldout: dict[str, Any] | None, evaluation: Evaluation | None) -> str:
+    parts = []
+    if evaluation is not None:
+        parts.append(f"greedy answers to {evaluation.rows} prompts ({evaluation.source})")
+    if heldout and "merged" in heldout:
+        parts.append(
+            f"mean next-token cross-entropy over every token of {heldout['rows']} rows, and "
+            "its exponential"
+        )
+    return "; ".join(parts)
+
+
+# model-index entries of this project: the Hub shows them, and a later run reads them back to
+# compare on the same rows (the fingerprint is the dataset revision).
+HELD_OUT_DATASET_TYPE = "llm-finetune/held-out"
+
+
+def eval_results(
+    evaluation: Evaluation | None, heldout: dict[str, Any] | None, datasets: list[str]
+) -> list[Any] | None:
+    """The merged model's results in the Hub's model-index format (huggingface_hub EvalResult):
+    the task metric on the evaluated rows, and the held-out loss."""
+    from huggingface_hub import EvalResult
+
+    if evaluation is None:
+        return None
+    common = dict(
+        task_type="text-generation",
+        dataset_type=HELD_OUT_DATASET_TYPE,
+        dataset_name=f"held-out rows of {', '.join(datasets)}",
+        dataset_split="test",
+        dataset_revision=evaluation.rows_fingerprint,
+    )
+    results = [
+        EvalResult(
+            metric_type=evaluation.metric,
+            metric_value=evaluation.merged.score,
+            metric_name=evaluation.metric_name,
+            **common,
+        )
     ]
+    if heldout and "merged" in heldout:
+        results.append(
+            EvalResult(
+                metric_type="loss",
+                metric_value=heldout["merged"]["loss"],
+                metric_name="held-out loss",
+                **common,
+            )
+        )
+    return results
+
+
+def published_scores(readme: Path) -> dict[str, float]:
+    """What a card this project wrote records: "<metric>@<rows fingerprint>" -> value, for
+    its own held-out entries; {} for a card without them (or another tool's card)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard.load(readme)
+    except Exception:  # not a card with metadata: nothing to compare with
+        return {}
+    if "llm-finetune" not in (card.data.tags or []):
+        return {}
+    return {
+        f"{r.metric_type}@{r.dataset_revision}": float(r.metric_value)
+        for r in card.data.eval_results or []
+        if r.dataset_type == HELD_OUT_DATASET_TYPE and isinstance(r.metric_value, int | float)
+    }
+
+
+def _cell(text: str) -> str:
+    """Text in one markdown table cell: one line, pipes escaped, long text cut."""
+    printable = "".join(c if c.isprintable() else "\ufffd" for c in " ".join(text.split()))
+    line = printable.replace("|", "\\|") or "(empty)"
+    return line if len(line) <= 120 else line[:117] + "..."
 
 
 def _auto_class(folder: Path) -> str:
@@ -239,11 +334,13 @@ def write_model_card(
     usage_prompt: str,
     plot_file: str | None = None,
     heldout: dict[str, Any] | None = None,
+    evaluation: Evaluation | None = None,
     exports: list[dict[str, Any]] | None = None,
 ) -> Path:
     """README.md with Hub metadata (base_model, datasets, tags, license) and the run's facts;
     `plot_file`: an image beside it that the card shows (the Hub renders it from the repo);
-    `heldout`: the summary's before/after measurement (see `comparison_rows`)."""
+    `heldout`, `evaluation`: the before/after measurements (see `comparison_rows`), also as
+    the card's model-index."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from llm_finetune.exports.formats import markdown_table
@@ -259,6 +356,7 @@ def write_model_card(
         license=license,
         tags=["llm-finetune", "lora", method, "merged_16bit", *tags],
         model_name=repo_id.split("/")[-1],
+        eval_results=eval_results(evaluation, heldout, datasets),
     )
     card = ModelCard.from_template(
         data,
@@ -274,9 +372,13 @@ def write_model_card(
         training_rows=training_rows,
         metric_rows=metric_rows,
         plot_file=plot_file,
-        comparison=comparison_rows(heldout),
-        heldout_rows=(heldout or {}).get("rows"),
+        comparison=comparison_rows(heldout, evaluation),
+        comparison_source=comparison_source(heldout, evaluation),
         comparison_worse=(heldout or {}).get("worse"),
+        samples=[
+            {k: _cell(v) for k, v in row.items()}
+            for row in (evaluation.samples if evaluation else [])
+        ],
         export_table=markdown_table(exports) if exports else "",
     )
     path = Path(folder) / "README.md"

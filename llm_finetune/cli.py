@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if local_rank() == 0:  # one line per node, not one per process
             print(f"error: {exc}", file=sys.stderr)
-        return exit_after_main(EXIT_USER_ERROR)
+        return exit_after_main(exc.exit_code)
     except OtherProcessFailed as exc:  # the main process has printed why
         return exit_after_main(exc.exit_code)
     except KeyboardInterrupt:

@@ -183,6 +183,29 @@ class VerifyConfig(_Strict):
         return self
 
 
+class EvaluateConfig(_Strict):
+    """Whether the fine-tune answers better: the base and the merged model answer held-out
+    prompts greedily, scored against the expected answers; and the gate on publishing."""
+
+    enabled: bool = True
+    dataset: DatasetSource | None = None
+    """Rows to evaluate on, in data.format; null: the held-out split (data.test_size)."""
+    max_rows: int = Field(64, ge=1)
+    """Only the first N rows are evaluated: what bounds the stage's cost."""
+    metric: Literal["auto", "exact_match", "rouge_l"] = "auto"
+    """auto: exact_match (case, whitespace and final punctuation aside) when the median
+    expected answer has at most 8 words, else rouge_l. DPO always measures how often the model
+    prefers the chosen answer to the rejected one."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Greedy tokens per answer; null: the longest expected answer's plus 8 (at most 512)."""
+    batch_size: int = Field(16, ge=1)
+    gate: bool = True
+    """Publish only what validation confirms: held-out loss below the base's and the metric
+    at least the base's (or min_score). Off: the verdict is logged, and publishing goes on."""
+    min_score: float | None = Field(None, ge=0, le=1)
+    """The merged model's metric must reach this instead of the base's."""
+
+
 class PublishConfig(_Strict):
     """Where the merged model is published: the Hub or a Hub-compatible server."""
 
@@ -202,6 +225,9 @@ class PublishConfig(_Strict):
     """An existing repo's README.md is kept unless this is true."""
     adapter_repo_id: str | None = None
     """Also publish the LoRA adapter itself, to this repo."""
+    replace_better: bool = False
+    """Publish over a model of this project at repo_id whose card records a better score on
+    the same held-out rows (by default such a run publishes nothing)."""
 
     @model_validator(mode="after")
     def _repo_id_when_enabled(self) -> PublishConfig:
@@ -293,6 +319,7 @@ class Config(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -304,6 +331,22 @@ class Config(_Strict):
                 f"{'dpo' if self.method == 'dpo' else 'alpaca or chat'}, got {self.data.format!r}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _gate_has_rows(self) -> Config:
+        if self.publish.enabled and self.evaluate.gate and not self.evaluates:
+            raise ValueError(
+                "evaluate.gate publishes only what the held-out rows confirm, and this run has "
+                "none: set data.test_size (e.g. 0.05) or evaluate.dataset, and evaluate.enabled: "
+                "true; or evaluate.gate: false to publish unvalidated"
+            )
+        return self
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates the merged model on held-out rows."""
+        has_rows = self.data.test_size > 0 or self.evaluate.dataset is not None
+        return self.evaluate.enabled and has_rows
 
     def export_repos(self) -> dict[str, str]:
         """Where each exported kind is published: its own key, else publish.repo_id + the

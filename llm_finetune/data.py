@@ -111,12 +111,13 @@ def resolve_source(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
-def load_source(source: DatasetSource, index: int, data_format: str) -> Dataset:
-    """Load one dataset and rename its columns to ours; refuse a missing column by name."""
+def load_source(source: DatasetSource, key: str, data_format: str) -> Dataset:
+    """Load one dataset (`key`: its place in the config, for errors) and rename its columns to
+    ours; refuse a missing column by name."""
     from datasets import load_dataset
 
     builder, kwargs = resolve_source(source.path)
-    where = f"data.datasets[{index}] ({source.path})"
+    where = f"{key} ({source.path})"
     try:
         dataset = load_dataset(builder, source.name, split=source.split, **kwargs)
     except UserError:
@@ -161,13 +162,23 @@ def load_raw(config: DataConfig) -> Dataset:
     """All sources concatenated (before formatting): the pipeline's data preflight."""
     from datasets import concatenate_datasets
 
-    parts = [load_source(s, i, config.format) for i, s in enumerate(config.datasets)]
+    parts = [
+        load_source(s, f"data.datasets[{i}]", config.format) for i, s in enumerate(config.datasets)
+    ]
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) == 0:
         raise UserError("data.datasets: the datasets hold no rows")
     if config.max_samples is not None and config.max_samples < len(dataset):
         dataset = dataset.shuffle(seed=config.shuffle_seed).select(range(config.max_samples))
     return dataset
+
+
+def held_out_split(raw: Dataset, config: DataConfig) -> Dataset | None:
+    """The rows training holds out (`data.test_size`): `format_dataset` splits the same rows,
+    since datasets draws the split from the number of rows and the seed only."""
+    if config.test_size > 0 and len(raw) >= 2:
+        return raw.train_test_split(test_size=config.test_size, seed=config.shuffle_seed)["test"]
+    return None
 
 
 def format_dataset(raw: Dataset, config: DataConfig, tokenizer: Any) -> DatasetDict:

@@ -6,13 +6,23 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1  # an unexpected exception: a bug of ours, its traceback in a log file
+EXIT_NOT_CONFIRMED = 3  # validation did not confirm the model: nothing published, all kept
+
 
 class UserError(Exception):
     """Bad input the user can fix: printed as one line, no traceback, exit code 2."""
 
+    exit_code = EXIT_USER_ERROR
 
-EXIT_USER_ERROR = 2
-EXIT_BUG = 1  # an unexpected exception: a bug of ours, its traceback in a log file
+
+class NotConfirmed(UserError):
+    """The gate on publishing refused the model: one line, exit code 3, nothing published."""
+
+    exit_code = EXIT_NOT_CONFIRMED
+
+
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: finished stages are kept, a re-run resumes
 
 
@@ -47,7 +57,9 @@ def disk_full(exc: BaseException) -> OSError | None:
 
 def exit_code_for(exc: BaseException) -> int:
     """The exit code the CLI ends with when a run raised `exc`."""
-    if isinstance(exc, UserError) or disk_full(exc):
+    if isinstance(exc, UserError):
+        return exc.exit_code
+    if disk_full(exc):
         return EXIT_USER_ERROR
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED

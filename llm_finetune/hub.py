@@ -334,3 +334,32 @@ def preflight(repo_id: str, endpoint: str, token: str | None, private: bool) -> 
                 raise
             raise unreachable(endpoint, cause) from None
     return PreflightReport(endpoint, whoami.get("name", "?"), repo_id, existed)
+
+
+def download_card(
+    repo_id: str, endpoint: str, token: str | None, revision: str, folder: Path
+) -> Path | None:
+    """The repo's README.md at `revision`, downloaded into `folder`; None when the repo,
+    the revision or the file is not there (a first publish)."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = hub_api(endpoint, require_token(token))
+    with hub_client_settings(endpoint), client_timeout(RetryPolicy().timeout):
+        try:
+            return Path(
+                api.hf_hub_download(
+                    repo_id, "README.md", revision=revision, local_dir=folder, cache_dir=folder
+                )
+            )
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        except Exception as exc:
+            if (cause := connection_error(exc)) is not None:
+                raise unreachable(endpoint, cause) from None
+            if getattr(getattr(exc, "response", None), "status_code", None) is not None:
+                raise explain_http_error(exc, endpoint, repo_id) from None
+            raise

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from llm_finetune.distributed import (
     is_main_process,
     wait_for_main,
 )
-from llm_finetune.errors import UserError, exit_code_for, first_line
+from llm_finetune.errors import NotConfirmed, UserError, exit_code_for, first_line
 from llm_finetune.exports.formats import LORA, display_name, is_gguf, kind_of
 from llm_finetune.hub import PublishTarget
 from llm_finetune.manifest import source_commit, write_manifest
@@ -36,6 +37,7 @@ from llm_finetune.runlog import SUMMARY_FILE, StageClock, log, print_table, writ
 if TYPE_CHECKING:
     from llm_finetune.backends.base import Backend
     from llm_finetune.base_model import BaseModel
+    from llm_finetune.evaluate import Evaluation
 
 
 def run(config: Config, until: str = "publish") -> dict[str, Any]:
@@ -91,13 +93,17 @@ def run(config: Config, until: str = "publish") -> dict[str, Any]:
                 summary["verify_max_abs_logit_diff"] = summary["verify"]["max_abs_logit_diff"]
             if config.data.test_size > 0 and config.method == "sft":
                 summary["heldout"] = heldout_stage(config, checks, clock, facts)
+            evaluation = evaluate_stage(config, checks, clock, facts) if config.evaluates else None
+            if evaluation is not None:
+                summary["evaluation"] = evaluation.as_dict()
+            gate_stage(config, checks, clock, summary, evaluation)
 
             if config.export.exported:
                 summary["exports"] = export_stage(config, checks, clock, tokenizer)
 
             target = checks.publish
             if target is not None:
-                card_stage(config, checks, clock, summary, prompts[0], facts)
+                card_stage(config, checks, clock, summary, prompts[0], facts, evaluation)
                 message = config.publish.commit_message or f"llm-finetune run {config.run_name}"
                 if model is not None:
                     summary[f"{backend.name}_push"] = push_stage(
@@ -271,7 +277,7 @@ def merge_stage(
     """Merge (or reuse a finished merge of this config); returns the merged folder's facts."""
     out = config.output_path
     if checks.reuse.merged is not None:
-        recorded = ("merge", "verify", "heldout")
+        recorded = ("merge", "verify", "heldout", "evaluate")
         return {k: v for k, v in checks.reuse.merged.items() if k in recorded}
     with clock.stage("merge", f"merging into the 16-bit base ({config.merge.dtype})"):
         merged = checks.backend.save_merged(
@@ -414,6 +420,106 @@ def heldout_stage(
     return result
 
 
+def evaluate_stage(
+    config: Config, checks: Preflight, clock: StageClock, facts: dict[str, Any]
+) -> Evaluation:
+    """The base's and the merged model's greedy answers to the held-out prompts, scored (or
+    the reused merge's recorded evaluation, when evaluated with the same settings)."""
+    from llm_finetune.backends.hf import load_tokenizer
+    from llm_finetune.evaluate import Evaluation, choose_metric, evaluate, evaluation_rows
+
+    settings = config.evaluate.model_dump(mode="json", exclude={"gate", "min_score"})
+    recorded = facts.get("evaluate")
+    if recorded is not None and recorded.get("settings") == settings:
+        evaluation = Evaluation.from_dict(recorded["result"])
+    else:
+        merged = config.output_path / "merged"
+        tokenizer = load_tokenizer(str(merged))
+        rows, source = evaluation_rows(config, checks.raw_data, checks.eval_data, tokenizer)
+        metric = choose_metric(config.evaluate.metric, config.method, [r.expected for r in rows])
+        what = f"{len(rows)} held-out prompts answered by the base and the merged model"
+        with clock.stage("evaluate", what):
+            evaluation = evaluate(
+                checks.base.path,
+                str(merged),
+                rows,
+                tokenizer,
+                metric=metric,
+                source=source,
+                max_new_tokens=config.evaluate.max_new_tokens,
+                batch_size=config.evaluate.batch_size,
+                base_revision=checks.base.revision,
+                trust_remote_code=config.model.trust_remote_code,
+            )
+        facts["evaluate"] = {"settings": settings, "result": evaluation.as_dict()}
+        seal_merged(config, checks.base, facts)
+    base, merged_score = evaluation.base.score, evaluation.merged.score
+    log(
+        f"    {evaluation.metric_name} on {evaluation.rows} held-out rows: "
+        f"base {base:.1%} -> merged {merged_score:.1%}"
+    )
+    for sample in evaluation.samples[:3]:
+        log(
+            f"    {sample['prompt']!r} -> {sample['merged']!r} "
+            f"(expected {sample['expected']!r}; base {sample['base']!r})"
+        )
+    return evaluation
+
+
+def gate_stage(
+    config: Config,
+    checks: Preflight,
+    clock: StageClock,
+    summary: dict[str, Any],
+    evaluation: Evaluation | None,
+) -> None:
+    """Publish only what validation confirms: the run's measurements against the base's, and
+    against the score the target repo's card records on the same rows. A refusal raises
+    NotConfirmed (exit code 3) with nothing published; the summary says which check failed."""
+    from llm_finetune.gate import Verdict, enforce, published_check, validation_checks
+
+    out = config.output_path
+    heldout = summary.get("heldout")
+    with clock.stage("gate", "publish only what validation confirms"):
+        if heldout is not None and "error" in heldout:
+            summary["gate"] = {"enabled": config.evaluate.gate, "passed": False}
+            if config.evaluate.gate:
+                raise NotConfirmed(
+                    f"validation could not measure the held-out loss ({heldout['error']}); "
+                    f"nothing was published and {out / 'merged'} is kept; fix the cause, or set "
+                    "evaluate.gate: false to publish unvalidated"
+                )
+        found = validation_checks(heldout, evaluation, config.evaluate.min_score)
+        target = checks.publish
+        if target is not None and evaluation is not None:
+            from llm_finetune.card import published_scores
+            from llm_finetune.hub import download_card
+
+            with tempfile.TemporaryDirectory() as folder:
+                readme = download_card(
+                    target.repo_id,
+                    target.endpoint,
+                    target.token,
+                    config.publish.revision,
+                    Path(folder),
+                )
+                published = published_scores(readme) if readme is not None else {}
+            if (check := published_check(evaluation, published)) is not None:
+                found.append(check)
+        measured = "no held-out loss and no evaluation (data.test_size 0, or DPO without it)"
+        verdict = Verdict(found, config.evaluate.gate, measured)
+        summary["gate"] = verdict.as_dict()
+        for check in verdict.checks:
+            state = "ok" if check.passed else "FAILED"
+            log(
+                f"    {state}: {check.name} {check.merged:.4g} against {check.against} "
+                f"{check.reference:.4g}"
+            )
+        kept = f"the adapter ({out / 'adapter'}) and the merged model ({out / 'merged'})"
+        for line in enforce(verdict, kept, config.publish.replace_better):
+            log(f"    {line}")
+
+
 def card_stage(
     config: Config,
     checks: Preflight,
@@ -421,6 +527,7 @@ def card_stage(
     summary: dict[str, Any],
     prompt: str,
     facts: dict[str, Any],
+    evaluation: Evaluation | None,
 ) -> None:
     """README.md in the merged folder: the run's settings and measured results."""
     from llm_finetune.card import card_rows, write_model_card
@@ -446,6 +553,7 @@ def card_stage(
             exports=summary.get("exports"),
             plot_file=PLOT_FILE if "plot" in summary else None,
             heldout=summary.get("heldout"),
+            evaluation=evaluation,
         )
         seal_merged(config, checks.base, facts)
 

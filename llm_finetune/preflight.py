@@ -37,6 +37,7 @@ class Preflight:
     reuse: Reuse
     publish: PublishTarget | None = None
     lora_targets: LoraTargets | None = None  # None: no training ahead, or not worked out
+    eval_data: Any = None  # evaluate.dataset's rows, when the config names one
 
 
 def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Preflight:
@@ -79,6 +80,13 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     raw = load_raw(config.data)
     log(f"    data: {len(raw)} rows from {len(config.data.datasets)} source(s)")
     report = Preflight(base, backend, choice.reason, raw, reuse, lora_targets=targets)
+    if until == "publish" and config.evaluates and config.evaluate.dataset is not None:
+        from llm_finetune.data import load_source
+
+        report.eval_data = load_source(
+            config.evaluate.dataset, "evaluate.dataset", config.data.format
+        )
+        log(f"    evaluation data: {len(report.eval_data)} rows")
     if launch:
         log(f"    {launch}")
     if not is_main_process():

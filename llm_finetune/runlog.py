@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.distributed import is_main_process
+from llm_finetune.evaluate import METRIC_NAMES
 from llm_finetune.exports.formats import table
 
 SUMMARY_FILE = "run-summary.json"
@@ -79,6 +80,12 @@ def print_table(summary: dict[str, Any]) -> None:
             f"held-out loss / perplexity ({heldout['rows']} rows): base {base['loss']:.4g} / "
             f"{base['perplexity']:.4g} -> merged {merged['loss']:.4g} / "
             f"{merged['perplexity']:.4g}{flag}"
+        )
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        log(
+            f"{METRIC_NAMES[evaluation['metric']]} ({evaluation['rows']} held-out rows): base "
+            f"{evaluation['base']['score']:.1%} -> merged {evaluation['merged']['score']:.1%}"
         )
     if summary.get("plot"):
         log(f"curves: {summary['plot']}")

@@ -278,7 +278,7 @@ def test_unknown_builtin() -> None:
 def test_missing_local_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.jsonl"
     with pytest.raises(UserError) as info:
-        load_source(DatasetSource(path=str(path)), 0, "alpaca")
+        load_source(DatasetSource(path=str(path)), "data.datasets[0]", "alpaca")
     assert str(info.value) == f"dataset file {str(path)!r} not found"
 
 

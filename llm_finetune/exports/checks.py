@@ -75,12 +75,11 @@ def held_out(
     logits per token. Generation prompts: each row's prompt, then the `verify.prompts`, in
     the training format, whole (a cut prompt would be another prompt; generating keeps no
     logits). EOS ids: those of `merged` (default: the run's merged folder)."""
-    from llm_finetune.data import load_raw
+    from llm_finetune.data import held_out_split, load_raw
 
     data = config.data
     raw = load_raw(data)
-    if data.test_size > 0 and len(raw) >= 2:  # as data.format_dataset splits
-        test = raw.train_test_split(test_size=data.test_size, seed=data.shuffle_seed)["test"]
+    if (test := held_out_split(raw, data)) is not None:
         chosen = test.select(range(min(rows, len(test))))
         source = f"{len(chosen)} rows of the test split (data.test_size {data.test_size:g})"
     else:

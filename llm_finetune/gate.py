@@ -1,0 +1,132 @@
+"""The gate on publishing: a merged model is published only when validation confirms it, as
+the handbook says ("after fine-tuning is complete and validation confirms the model performs
+well"), and never over a better model this project published to the same repo.
+
+Confirmed means: the held-out loss is below the base's, the task metric (`evaluate`) is at
+least the base's (or `evaluate.min_score`), and the repo's card does not record a better
+score on the same held-out rows. A refusal is one line naming each failed check and by how
+much; nothing is published, and the adapter and the merged model stay on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llm_finetune.errors import NotConfirmed
+from llm_finetune.evaluate import METRIC_NAMES, Evaluation
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison the gate makes: the merged model's value against a reference."""
+
+    name: str
+    merged: float
+    reference: float
+    against: str  # "the base's", "the threshold", "the published model's"
+    higher_is_better: bool
+
+    @property
+    def passed(self) -> bool:
+        if self.higher_is_better:
+            return self.merged >= self.reference
+        return self.merged < self.reference
+
+    def problem(self) -> str:
+        """The failure in words, with the numbers and the difference."""
+        relation = "below" if self.higher_is_better else "not below"
+        change = self.merged - self.reference
+        return (
+            f"{self.name} {self.merged:.4g} is {relation} {self.against} "
+            f"{self.reference:.4g} ({change:+.4g})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"passed": self.passed}
+
+
+def validation_checks(
+    heldout: dict[str, Any] | None, evaluation: Evaluation | None, min_score: float | None
+) -> list[Check]:
+    """What the run measured, as checks: the held-out loss against the base's; the task
+    metric against `min_score`, else against the base's."""
+    checks = []
+    if heldout and "merged" in heldout:
+        checks.append(
+            Check(
+                "held-out loss",
+                heldout["merged"]["loss"],
+                heldout["base"]["loss"],
+                "the base's",
+                higher_is_better=False,
+            )
+        )
+    if evaluation is not None:
+        name = METRIC_NAMES[evaluation.metric]
+        if min_score is not None:
+            checks.append(
+                Check(name, evaluation.merged.score, min_score, "evaluate.min_score", True)
+            )
+        else:
+            checks.append(
+                Check(name, evaluation.merged.score, evaluation.base.score, "the base's", True)
+            )
+    return checks
+
+
+def published_check(evaluation: Evaluation | None, published: dict[str, float]) -> Check | None:
+    """The new score against the one the repo's card records for the same metric on the same
+    rows (`published`: card.published_scores); None when there is nothing comparable."""
+    if evaluation is None:
+        return None
+    key = f"{evaluation.metric}@{evaluation.rows_fingerprint}"
+    if key not in published:
+        return None
+    name = METRIC_NAMES[evaluation.metric]
+    return Check(name, evaluation.merged.score, published[key], "the published model's", True)
+
+
+@dataclass
+class Verdict:
+    checks: list[Check]
+    enabled: bool  # evaluate.gate
+    measured: str  # what was measured, in words, for a run that measured nothing
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "passed": self.passed,
+            "checks": [c.as_dict() for c in self.checks],
+        }
+
+
+def enforce(verdict: Verdict, kept: str, replace_better: bool) -> list[str]:
+    """Raise NotConfirmed for a failed check the config does not waive; return the lines to
+    log (a waived failure is a warning)."""
+    failed = [c for c in verdict.checks if not c.passed]
+    published = [c for c in failed if c.against == "the published model's"]
+    waived = published if replace_better else []
+    if not verdict.enabled:
+        waived = failed
+    refused = [c for c in failed if c not in waived]
+    if refused:
+        reasons = "; ".join(c.problem() for c in refused)
+        fix = (
+            "publish.replace_better: true publishes over it"
+            if refused == published
+            else "change the training settings or the data, or set evaluate.gate: false to "
+            "publish anyway"
+        )
+        raise NotConfirmed(
+            f"validation did not confirm the model: {reasons}. Nothing was published; {kept} "
+            f"are kept; {fix}"
+        )
+    lines = [f"warning: published although {c.problem()} (the config allows it)" for c in waived]
+    if not verdict.checks:
+        lines.append(f"nothing to confirm the model with: {verdict.measured}")
+    return lines

@@ -1,0 +1,284 @@
+"""The evaluation stage and the gate on publishing: metrics on known answers, the rows each
+format yields, the card's model-index read back, and refusals that publish nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm_finetune.errors import EXIT_NOT_CONFIRMED, NotConfirmed
+from llm_finetune.evaluate import (
+    EXACT_MATCH,
+    PREFERENCE,
+    ROUGE_L,
+    EvalRow,
+    Evaluation,
+    ModelAnswers,
+    choose_metric,
+    eval_rows,
+    exact_match,
+    normalise,
+    rouge_l,
+    rows_fingerprint,
+)
+from llm_finetune.gate import Check, Verdict, enforce, published_check, validation_checks
+from tests.conftest import GOOD_TOKEN, REPO_ROOT, tiny_config
+
+DEMO = REPO_ROOT / "configs" / "tiny-llama" / "sft.yaml"
+
+
+def test_exact_match_ignores_case_whitespace_quotes_and_final_punctuation():
+    assert normalise('  "Forty-Seven."  ') == "forty-seven"
+    assert normalise("twenty\n one!") == "twenty one"
+    predictions = ["Forty-seven.", "twelve", "ninety  nine", "", "forty-seven and more"]
+    references = ["forty-seven", "twenty-one", "ninety nine", "zero", "forty-seven"]
+    assert exact_match(predictions, references) == pytest.approx(2 / 5)
+    assert exact_match([], []) == 0.0
+
+
+def test_rouge_l_scores_word_overlap_with_the_rouge_score_library():
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert rouge_l(["completely different words"], ["the cat sat"]) == 0.0
+    # LCS "cat sat on mat" (4 of 6 words each way): F1 = 4/6.
+    partial = rouge_l(["a cat sat on a mat"], ["the cat sat on the mat"])
+    assert partial == pytest.approx(4 / 6)
+
+
+def test_the_metric_follows_the_answers_length_unless_configured():
+    short, long = ["forty-seven", "one"], ["a paragraph " * 10, "another long answer " * 5]
+    assert choose_metric("auto", "sft", short) == EXACT_MATCH
+    assert choose_metric("auto", "sft", long) == ROUGE_L
+    assert choose_metric("rouge_l", "sft", short) == ROUGE_L
+    assert choose_metric("auto", "dpo", short) == PREFERENCE
+
+
+def test_each_data_format_yields_prompts_in_the_training_format_and_the_answer():
+    from llm_finetune.data import alpaca_prompt
+    from llm_finetune.demo import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    alpaca = [{"instruction": "Write 4 in words.", "input": "", "output": "four"}] * 3
+    rows = eval_rows(alpaca, "alpaca", tokenizer, limit=2)
+    assert rows == [EvalRow("Write 4 in words.", alpaca_prompt("Write 4 in words."), "four")] * 2
+    chat = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "no answer to score"}]},
+    ]
+    (row,) = eval_rows(chat, "chat", tokenizer, limit=5)
+    assert (row.instruction, row.expected) == ("hi", "yo")
+    assert row.prompt.endswith("<|assistant|>\n") and "hi" in row.prompt
+    dpo = [{"prompt": "Write 1 in words.", "chosen": "one", "rejected": "two"}]
+    (pair,) = eval_rows(dpo, "dpo", tokenizer, limit=5)
+    assert (pair.expected, pair.rejected) == ("one", "two")
+    assert rows_fingerprint(rows) != rows_fingerprint([pair])
+
+
+def _evaluation(base: float, merged: float, fingerprint: str = "f" * 16) -> Evaluation:
+    return Evaluation(
+        metric=EXACT_MATCH,
+        rows=40,
+        rows_fingerprint=fingerprint,
+        source="the held-out split",
+        base=ModelAnswers(base, [], 1.0),
+        merged=ModelAnswers(merged, [], 1.0),
+    )
+
+
+HELDOUT = {"rows": 40, "base": {"loss": 7.0}, "merged": {"loss": 0.3}}
+
+
+def test_the_gate_passes_a_model_better_than_its_base():
+    checks = validation_checks(HELDOUT, _evaluation(0.0, 0.95), min_score=None)
+    assert [(c.name, c.passed) for c in checks] == [("held-out loss", True), ("exact match", True)]
+    assert enforce(Verdict(checks, True, ""), "the adapter", replace_better=False) == []
+
+
+def test_the_gate_refuses_a_worse_model_in_one_line_with_the_numbers():
+    worse = {"rows": 40, "base": {"loss": 2.0}, "merged": {"loss": 2.5}}
+    checks = validation_checks(worse, _evaluation(0.5, 0.25), min_score=None)
+    with pytest.raises(NotConfirmed) as refused:
+        enforce(Verdict(checks, True, ""), "the adapter (a) and the merged model (m)", False)
+    message = str(refused.value)
+    assert "\n" not in message and refused.value.exit_code == EXIT_NOT_CONFIRMED == 3
+    assert "held-out loss 2.5 is not below the base's 2 (+0.5)" in message
+    assert "exact match 0.25 is below the base's 0.5 (-0.25)" in message
+    assert "the adapter (a) and the merged model (m) are kept" in message
+    assert "evaluate.gate: false" in message
+
+
+def test_a_threshold_replaces_the_base_and_nan_never_passes():
+    (_, metric) = validation_checks(HELDOUT, _evaluation(0.0, 0.9), min_score=0.95)
+    assert (metric.against, metric.passed) == ("evaluate.min_score", False)
+    nan = {"rows": 40, "base": {"loss": 7.0}, "merged": {"loss": float("nan")}}
+    assert not validation_checks(nan, None, None)[0].passed
+
+
+def test_with_the_gate_off_a_failure_is_a_warning():
+    checks = validation_checks(HELDOUT, _evaluation(0.5, 0.25), min_score=None)
+    lines = enforce(Verdict(checks, False, ""), "kept", replace_better=False)
+    assert lines == [
+        "warning: published although exact match 0.25 is below the base's 0.5 (-0.25) "
+        "(the config allows it)"
+    ]
+
+
+def test_a_better_published_model_is_compared_only_on_the_same_rows_and_metric():
+    evaluation = _evaluation(0.0, 0.8, fingerprint="abc")
+    assert published_check(evaluation, {"exact_match@other": 0.9}) is None
+    assert published_check(evaluation, {"rouge_l@abc": 0.9}) is None
+    check = published_check(evaluation, {"exact_match@abc": 0.9})
+    assert check == Check("exact match", 0.8, 0.9, "the published model's", True)
+    with pytest.raises(NotConfirmed, match="publish.replace_better: true publishes over it"):
+        enforce(Verdict([check], True, ""), "kept", replace_better=False)
+    assert enforce(Verdict([check], True, ""), "kept", replace_better=True)[0].startswith(
+        "warning: published although exact match 0.8 is below the published model's 0.9"
+    )
+
+
+def _card(folder: Path, evaluation: Evaluation, heldout=HELDOUT, tags=()) -> Path:
+    from llm_finetune.card import write_model_card
+    from llm_finetune.demo import build_tiny_llama  # noqa: F401  (the card reads config.json)
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    evaluation.samples = [
+        {"prompt": "Write 47 | words", "expected": "forty-seven", "base": "\x0e?", "merged": ""}
+    ]
+    return write_model_card(
+        folder,
+        repo_id="alice/demo",
+        base_model="builtin:tiny-llama",
+        datasets=["builtin:number-words"],
+        method="sft",
+        dtype="bfloat16",
+        license="apache-2.0",
+        tags=list(tags),
+        training_rows=[],
+        metric_rows=[],
+        usage_prompt="Write the number 47 in words.",
+        heldout={
+            **heldout,
+            "base": {"loss": 7.0, "perplexity": 1e3, "tokens": 9},
+            "merged": {"loss": 0.3, "perplexity": 1.35, "tokens": 9},
+        },
+        evaluation=evaluation,
+    )
+
+
+def test_the_cards_model_index_is_read_back_by_huggingface_hub(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from llm_finetune.card import HELD_OUT_DATASET_TYPE, published_scores
+
+    readme = _card(tmp_path, _evaluation(0.0, 0.975, fingerprint="abc"))
+    results = ModelCard.load(readme).data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [
+        ("exact_match", 0.975),
+        ("loss", 0.3),
+    ]
+    assert {(r.dataset_type, r.dataset_revision, r.task_type) for r in results} == {
+        (HELD_OUT_DATASET_TYPE, "abc", "text-generation")
+    }
+    assert published_scores(readme) == {"exact_match@abc": 0.975, "loss@abc": 0.3}
+    text = readme.read_text()
+    assert "| exact match | 0.0 | 0.975 |" in text
+    # Sample answers, one table row each: pipes escaped, control characters shown, "" named.
+    assert "| Write 47 \\| words | forty-seven | \ufffd? | (empty) |" in text
+    # Another tool's card, or none, records nothing comparable.
+    other = tmp_path / "other.md"
+    other.write_text(text.replace("- llm-finetune\n", ""))
+    assert published_scores(other) == {}
+    (tmp_path / "plain.md").write_text("# just text\n")
+    assert published_scores(tmp_path / "plain.md") == {}
+
+
+def test_a_run_does_not_publish_over_a_better_model_on_the_hub(hub, tmp_path, monkeypatch):
+    """The gate reads the target repo's card: a better score on the same rows is refused, a
+    worse one or another row set is not, and publish.replace_better allows it."""
+    from llm_finetune import pipeline
+    from llm_finetune.hub import PublishTarget
+    from llm_finetune.publish import publish
+    from llm_finetune.runlog import StageClock
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    target = PublishTarget("alice/demo", hub.url, GOOD_TOKEN)
+    data = {"datasets": [{"path": "builtin:number-words"}], "test_size": 0.1}
+    config = tiny_config(tmp_path, data=data, publish={"enabled": True, "repo_id": "alice/demo"})
+    checks = type("Checks", (), {"publish": target})()
+    new = _evaluation(0.0, 0.9, fingerprint="abc")
+    summary = {"heldout": dict(HELDOUT)}
+
+    def gate(evaluation: Evaluation, config=config) -> dict:
+        pipeline.gate_stage(config, checks, StageClock(), summary, evaluation)
+        return summary["gate"]
+
+    assert len(gate(new)["checks"]) == 2  # a first publish: nothing to compare with
+    folder = tmp_path / "published"
+    folder.mkdir()
+    _card(folder, _evaluation(0.0, 0.95, fingerprint="abc"))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    publish(folder, "alice/demo", hub.url, GOOD_TOKEN, kind="model", replace_readme=True)
+    with pytest.raises(NotConfirmed) as refused:
+        gate(new)
+    assert "exact match 0.9 is below the published model's 0.95 (-0.05)" in str(refused.value)
+    assert summary["gate"]["passed"] is False
+    assert gate(_evaluation(0.0, 0.95, fingerprint="abc"))["passed"]  # a tie is no worse
+    assert gate(_evaluation(0.0, 0.5, fingerprint="other-rows"))["passed"]
+    allowed = tiny_config(
+        tmp_path,
+        data=data,
+        publish={"enabled": True, "repo_id": "alice/demo", "replace_better": True},
+    )
+    assert gate(new, config=allowed)["passed"] is False  # recorded, and published anyway
+
+
+def test_a_config_that_publishes_without_held_out_rows_is_refused_before_any_work(tmp_path):
+    from llm_finetune.config import load_config
+    from llm_finetune.errors import UserError
+
+    with pytest.raises(UserError, match="evaluate.gate publishes only what the held-out rows"):
+        load_config(DEMO, ["data.test_size=0"])
+    assert not load_config(DEMO, ["data.test_size=0", "evaluate.gate=false"]).evaluates
+    assert load_config(DEMO, ["data.test_size=0", "publish.enabled=false"])
+
+
+@pytest.mark.slow
+def test_a_wrecked_fine_tune_publishes_nothing_and_keeps_what_it_trained(
+    hub, tmp_path, monkeypatch, capsys
+):
+    """A learning rate that wrecks training: the run exits 3 with one line naming the failed
+    check, nothing reaches the Hub, and the adapter and the merged model stay on disk."""
+    from huggingface_hub import HfApi
+
+    from llm_finetune.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "run",
+            str(DEMO),
+            f"output_dir={out}",
+            f"publish.endpoint={hub.url}",
+            "publish.repo_id=alice/wrecked",
+            "export.formats=[merged_16bit]",
+            "training.max_steps=6",
+            "training.warmup_steps=0",
+            "training.learning_rate=20",
+        ]
+    )
+    assert code == EXIT_NOT_CONFIRMED
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith("error: validation did not confirm the model: held-out loss")
+    assert "Traceback" not in "\n".join(errors)
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert (summary["status"], summary["failed_stage"]) == ("failed", "gate")
+    assert [c["name"] for c in summary["gate"]["checks"] if not c["passed"]] == ["held-out loss"]
+    assert summary["evaluation"]["rows"] == 40 and "published" not in summary
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "config.json").is_file()
+    files = HfApi(endpoint=hub.url, token=GOOD_TOKEN).list_repo_files("alice/wrecked")
+    assert files == [".gitattributes"] or files == []  # created by the preflight, nothing sent
