@@ -221,6 +221,9 @@ def comparison_rows(
         if evaluation.merged.margin is not None:
             label = "mean log p(chosen) - log p(rejected)"
             rows.append((label, evaluation.base.margin, evaluation.merged.margin))
+        for task, before in evaluation.base.lm_eval.items():
+            after = evaluation.merged.lm_eval.get(task, {})
+            rows += [(f"lm-eval {task}: {m}", v, after.get(m)) for m, v in before.items()]
     if heldout and "merged" in heldout:
         base, merged = heldout["base"], heldout["merged"]
         rows += [
@@ -235,6 +238,8 @@ def comparison_source(heldout: dict[str, Any] | None, evaluation: Evaluation | N
     parts = []
     if evaluation is not None:
         parts.append(f"greedy answers to {evaluation.rows} prompts ({evaluation.source})")
+    if evaluation is not None and evaluation.base.lm_eval:
+        parts.append(f"lm-evaluation-harness tasks {', '.join(evaluation.base.lm_eval)}")
     if heldout and "merged" in heldout:
         parts.append(
             f"mean next-token cross-entropy over every token of {heldout['rows']} rows, and "
@@ -272,6 +277,20 @@ def eval_results(
             **common,
         )
     ]
+    for task, metrics in evaluation.merged.lm_eval.items():
+        results += [
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=task,
+                dataset_name=task,
+                metric_type=metric.split(",")[0],
+                metric_value=value,
+                metric_name=metric,
+                source_name="lm-evaluation-harness",
+                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+            )
+            for metric, value in metrics.items()
+        ]
     if heldout and "merged" in heldout:
         results.append(
             EvalResult(

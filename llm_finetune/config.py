@@ -204,6 +204,15 @@ class EvaluateConfig(_Strict):
     at least the base's (or min_score). Off: the verdict is logged, and publishing goes on."""
     min_score: float | None = Field(None, ge=0, le=1)
     """The merged model's metric must reach this instead of the base's."""
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness tasks run on the base and the merged model, e.g. [arc_easy,
+    hellaswag] (pip install -e '.[eval]'); the gate holds each to the base's score."""
+    lm_eval_limit: int | None = Field(None, ge=1)
+    """Documents per lm-eval task; null: all of them."""
+    lm_eval_include_path: str | None = None
+    """A folder of your own lm-eval task YAML files."""
+    lm_eval_max_drop: float = Field(0.0, ge=0, le=1)
+    """How far below the base's an lm-eval task's score may fall and still pass the gate."""
 
 
 class PublishConfig(_Strict):
@@ -334,6 +343,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _gate_has_rows(self) -> Config:
+        if self.evaluate.lm_eval_tasks and not self.evaluates:
+            raise ValueError(
+                "evaluate.lm_eval_tasks run in the evaluation stage, which this run does not "
+                "have: set data.test_size or evaluate.dataset, and evaluate.enabled: true"
+            )
         if self.publish.enabled and self.evaluate.gate and not self.evaluates:
             raise ValueError(
                 "evaluate.gate publishes only what the held-out rows confirm, and this run has "

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llm_finetune.errors import UserError
 
 if TYPE_CHECKING:
-    from llm_finetune.config import Config
+    from llm_finetune.config import Config, EvaluateConfig
 
 EXACT_MATCH = "exact_match"
 ROUGE_L = "rouge_l"
@@ -253,6 +253,7 @@ class ModelAnswers:
     answers: list[str]
     seconds: float
     margin: float | None = None  # DPO: mean log p(chosen) - log p(rejected)
+    lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metrics
 
 
 @dataclass
@@ -292,8 +293,10 @@ def score_model(
     what: str,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    lm_eval: EvaluateConfig | None = None,
 ) -> ModelAnswers:
-    """Load the model at `path`, answer (or rate) every row, free it."""
+    """Load the model at `path`, answer (or rate) every row, run the lm-eval tasks of
+    `lm_eval` on it (if any), free it."""
     import torch
 
     start = time.perf_counter()
@@ -312,11 +315,16 @@ def score_model(
     else:
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, what)
         score = SCORERS[metric](answers, [r.expected for r in rows])
+    general = {}
+    if lm_eval is not None and lm_eval.lm_eval_tasks:
+        from llm_finetune.general_ability import run_tasks
+
+        general = run_tasks(model, tokenizer, lm_eval, batch_size)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     seconds = round(time.perf_counter() - start, 2)
-    return ModelAnswers(round(score, 4), answers, seconds, margin)
+    return ModelAnswers(round(score, 4), answers, seconds, margin, general)
 
 
 def answer_budget(rows: Sequence[EvalRow], tokenizer: Any, configured: int | None) -> int:
@@ -340,11 +348,13 @@ def evaluate(
     batch_size: int = 16,
     base_revision: str | None = None,
     trust_remote_code: bool = False,
+    lm_eval: EvaluateConfig | None = None,
 ) -> Evaluation:
-    """The base and the merged model on the same rows, scored the same way."""
+    """The base and the merged model on the same rows, scored the same way (and on the
+    lm-eval tasks of `lm_eval`, if any)."""
     start = time.perf_counter()
     budget = answer_budget(rows, tokenizer, max_new_tokens)
-    common = dict(max_new_tokens=budget, batch_size=batch_size)
+    common = dict(max_new_tokens=budget, batch_size=batch_size, lm_eval=lm_eval)
     base = score_model(
         base_path,
         rows,

@@ -11,10 +11,13 @@ much; nothing is published, and the adapter and the merged model stay on disk.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import NotConfirmed
 from llm_finetune.evaluate import METRIC_NAMES, Evaluation
+
+if TYPE_CHECKING:
+    from llm_finetune.config import EvaluateConfig
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,12 @@ class Check:
 
 
 def validation_checks(
-    heldout: dict[str, Any] | None, evaluation: Evaluation | None, min_score: float | None
+    heldout: dict[str, Any] | None, evaluation: Evaluation | None, settings: EvaluateConfig
 ) -> list[Check]:
     """What the run measured, as checks: the held-out loss against the base's; the task
-    metric against `min_score`, else against the base's."""
+    metric against `evaluate.min_score`, else against the base's; each lm-eval task's first
+    metric against the base's, less `evaluate.lm_eval_max_drop`."""
+    min_score = settings.min_score
     checks = []
     if heldout and "merged" in heldout:
         checks.append(
@@ -72,6 +77,15 @@ def validation_checks(
             checks.append(
                 Check(name, evaluation.merged.score, evaluation.base.score, "the base's", True)
             )
+        drop = settings.lm_eval_max_drop
+        against = f"the base's less {drop:g}" if drop else "the base's"
+        for task, before in evaluation.base.lm_eval.items():
+            metric = next(iter(before), None)
+            if metric is not None:
+                merged = evaluation.merged.lm_eval.get(task, {}).get(metric, float("nan"))
+                checks.append(
+                    Check(f"{task} {metric}", merged, before[metric] - drop, against, True)
+                )
     return checks
 
 

@@ -450,6 +450,7 @@ def evaluate_stage(
                 batch_size=config.evaluate.batch_size,
                 base_revision=checks.base.revision,
                 trust_remote_code=config.model.trust_remote_code,
+                lm_eval=config.evaluate,
             )
         facts["evaluate"] = {"settings": settings, "result": evaluation.as_dict()}
         seal_merged(config, checks.base, facts)
@@ -458,6 +459,12 @@ def evaluate_stage(
         f"    {evaluation.metric_name} on {evaluation.rows} held-out rows: "
         f"base {base:.1%} -> merged {merged_score:.1%}"
     )
+    for task, before in evaluation.base.lm_eval.items():
+        after = evaluation.merged.lm_eval.get(task, {})
+        shown = ", ".join(
+            f"{k} {before[k]:.4g} -> {after.get(k, float('nan')):.4g}" for k in before
+        )
+        log(f"    lm-eval {task}: {shown}")
     for sample in evaluation.samples[:3]:
         log(
             f"    {sample['prompt']!r} -> {sample['merged']!r} "
@@ -489,7 +496,7 @@ def gate_stage(
                     f"nothing was published and {out / 'merged'} is kept; fix the cause, or set "
                     "evaluate.gate: false to publish unvalidated"
                 )
-        found = validation_checks(heldout, evaluation, config.evaluate.min_score)
+        found = validation_checks(heldout, evaluation, config.evaluate)
         target = checks.publish
         if target is not None and evaluation is not None:
             from llm_finetune.card import published_scores

@@ -80,13 +80,6 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
     raw = load_raw(config.data)
     log(f"    data: {len(raw)} rows from {len(config.data.datasets)} source(s)")
     report = Preflight(base, backend, choice.reason, raw, reuse, lora_targets=targets)
-    if until == "publish" and config.evaluates and config.evaluate.dataset is not None:
-        from llm_finetune.data import load_source
-
-        report.eval_data = load_source(
-            config.evaluate.dataset, "evaluate.dataset", config.data.format
-        )
-        log(f"    evaluation data: {len(report.eval_data)} rows")
     if launch:
         log(f"    {launch}")
     if not is_main_process():
@@ -105,11 +98,28 @@ def preflight(config: Config, until: str, stack: contextlib.ExitStack) -> Prefli
         log(f"    {check_disk(weights, out, config.merge.dtype, copies, formats)}")
         if config.verify.enabled:
             log(f"    {check_verify_memory(base, config, backend)}")
+    if until == "publish" and config.evaluates:
+        check_evaluation(config, report)
     if until == "publish" and config.export.exported:
         log(f"    {check_export_tools(config, base)}")
     if until == "publish" and config.publish.enabled:
         report.publish = check_publish_target(config, stack)
     return report
+
+
+def check_evaluation(config: Config, report: Preflight) -> None:
+    """What the evaluation stage reads, loaded before training: evaluate.dataset's rows
+    (kept in `report`), and the lm-eval tasks with their data."""
+    if config.evaluate.dataset is not None:
+        from llm_finetune.data import load_source
+
+        rows = load_source(config.evaluate.dataset, "evaluate.dataset", config.data.format)
+        report.eval_data = rows
+        log(f"    evaluation data: {len(rows)} rows from {config.evaluate.dataset.path}")
+    if config.evaluate.lm_eval_tasks:
+        from llm_finetune.general_ability import check_tasks
+
+        log(f"    {check_tasks(config.evaluate)}")
 
 
 def check_base_precision(base: BaseModel, config: Config, backend: str) -> None:

@@ -124,7 +124,7 @@ def write_config(path: Path, base: str, data: str, args: argparse.Namespace) -> 
         "overwrite": True,
         "model": {"name": base, "max_seq_length": args.seq, "dtype": "auto"},
         "lora": {"r": 16, "alpha": 32},
-        "data": {"datasets": [{"path": data}], "format": "alpaca"},
+        "data": {"datasets": [{"path": data}], "format": "alpaca", "test_size": 0.05},
         "training": {
             "learning_rate": 2e-4,
             "max_steps": args.steps,
@@ -189,6 +189,7 @@ def run_backend(
     summary = json.loads((out / "run-summary.json").read_text())
     train, verify = summary["train"], summary.get("verify", {})
     published = summary.get("published", {})
+    evaluation = summary.get("evaluation")
     return {
         "backend": name,
         "ok": True,
@@ -221,6 +222,16 @@ def run_backend(
         ),
         "sample_after_training": summary.get("sample_after_training"),  # unsloth backend
         "load_back": summary.get("load_back", {}).get("generation"),
+        # The evaluation stage and the gate on publishing, timed at the model's real size.
+        "evaluation": evaluation
+        and {
+            "metric": evaluation["metric"],
+            "rows": evaluation["rows"],
+            "seconds": evaluation["seconds"],
+            "base": evaluation["base"]["score"],
+            "merged": evaluation["merged"]["score"],
+        },
+        "gate_passed": summary.get("gate", {}).get("passed"),
         "stages": summary["stages"],
     }
 

@@ -25,7 +25,7 @@ CONFIGS = sorted(
 BASE: dict[str, Any] = {
     "run_name": "t",
     "model": {"name": "builtin:tiny-llama"},
-    "data": {"datasets": [{"path": "builtin:number-words"}]},
+    "data": {"datasets": [{"path": "builtin:number-words"}], "test_size": 0.1},
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_finetune.config import EvaluateConfig
 from llm_finetune.errors import EXIT_NOT_CONFIRMED, NotConfirmed
 from llm_finetune.evaluate import (
     EXACT_MATCH,
@@ -90,14 +91,14 @@ HELDOUT = {"rows": 40, "base": {"loss": 7.0}, "merged": {"loss": 0.3}}
 
 
 def test_the_gate_passes_a_model_better_than_its_base():
-    checks = validation_checks(HELDOUT, _evaluation(0.0, 0.95), min_score=None)
+    checks = validation_checks(HELDOUT, _evaluation(0.0, 0.95), EvaluateConfig())
     assert [(c.name, c.passed) for c in checks] == [("held-out loss", True), ("exact match", True)]
     assert enforce(Verdict(checks, True, ""), "the adapter", replace_better=False) == []
 
 
 def test_the_gate_refuses_a_worse_model_in_one_line_with_the_numbers():
     worse = {"rows": 40, "base": {"loss": 2.0}, "merged": {"loss": 2.5}}
-    checks = validation_checks(worse, _evaluation(0.5, 0.25), min_score=None)
+    checks = validation_checks(worse, _evaluation(0.5, 0.25), EvaluateConfig())
     with pytest.raises(NotConfirmed) as refused:
         enforce(Verdict(checks, True, ""), "the adapter (a) and the merged model (m)", False)
     message = str(refused.value)
@@ -109,14 +110,14 @@ def test_the_gate_refuses_a_worse_model_in_one_line_with_the_numbers():
 
 
 def test_a_threshold_replaces_the_base_and_nan_never_passes():
-    (_, metric) = validation_checks(HELDOUT, _evaluation(0.0, 0.9), min_score=0.95)
+    (_, metric) = validation_checks(HELDOUT, _evaluation(0.0, 0.9), EvaluateConfig(min_score=0.95))
     assert (metric.against, metric.passed) == ("evaluate.min_score", False)
     nan = {"rows": 40, "base": {"loss": 7.0}, "merged": {"loss": float("nan")}}
-    assert not validation_checks(nan, None, None)[0].passed
+    assert not validation_checks(nan, None, EvaluateConfig())[0].passed
 
 
 def test_with_the_gate_off_a_failure_is_a_warning():
-    checks = validation_checks(HELDOUT, _evaluation(0.5, 0.25), min_score=None)
+    checks = validation_checks(HELDOUT, _evaluation(0.5, 0.25), EvaluateConfig())
     lines = enforce(Verdict(checks, False, ""), "kept", replace_better=False)
     assert lines == [
         "warning: published although exact match 0.25 is below the base's 0.5 (-0.25) "
@@ -282,3 +283,105 @@ def test_a_wrecked_fine_tune_publishes_nothing_and_keeps_what_it_trained(
     assert (out / "merged" / "config.json").is_file()
     files = HfApi(endpoint=hub.url, token=GOOD_TOKEN).list_repo_files("alice/wrecked")
     assert files == [".gitattributes"] or files == []  # created by the preflight, nothing sent
+
+
+NUMBER_TASK = """task: number_words_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Write the number {{{{number}}}} in words.\\n"
+doc_to_target: label
+doc_to_choice: choices
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _local_task(folder: Path) -> Path:
+    """An lm-eval multiple-choice task of our own, its YAML and data written here."""
+    words = ["zero", "one", "two", "three", "four", "five"]
+    data = folder / "numbers.jsonl"
+    rows = [
+        {"number": n, "choices": [words[n], words[(n + 1) % 6], words[(n + 2) % 6]], "label": 0}
+        for n in range(6)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "number_words_mc.yaml").write_text(NUMBER_TASK.format(data=data))
+    return folder
+
+
+def test_lm_eval_runs_a_local_task_on_the_loaded_model_and_the_gate_holds_it(
+    tiny_base, tmp_path, monkeypatch
+):
+    """The harness's Python API on a model loaded once: a task YAML and data file written
+    here (nothing downloaded, HF_HUB_OFFLINE=1); its score goes into the gate and the card."""
+    pytest.importorskip("lm_eval")
+    from llm_finetune.backends.hf import load_tokenizer
+    from llm_finetune.evaluate import score_model
+    from llm_finetune.general_ability import check_tasks
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    settings = EvaluateConfig(
+        lm_eval_tasks=["number_words_mc"], lm_eval_include_path=str(_local_task(tmp_path))
+    )
+    assert check_tasks(settings) == "lm-eval tasks: number_words_mc (1 loaded)"
+    tokenizer = load_tokenizer(tiny_base)
+    rows = [EvalRow("x", "Write the number 4 in words.\n", "four")]
+    scored = score_model(
+        tiny_base,
+        rows,
+        tokenizer,
+        EXACT_MATCH,
+        max_new_tokens=2,
+        batch_size=4,
+        what="base",
+        lm_eval=settings,
+    )
+    accuracy = scored.lm_eval["number_words_mc"]["acc,none"]
+    assert 0.0 <= accuracy <= 1.0 and accuracy * 6 == round(accuracy * 6)
+    evaluation = _evaluation(0.0, 0.5)
+    evaluation.base.lm_eval = {"number_words_mc": {"acc,none": 0.5}}
+    evaluation.merged.lm_eval = {"number_words_mc": {"acc,none": 1 / 3}}
+    checks = validation_checks(None, evaluation, settings)
+    assert (
+        checks[-1].problem() == "number_words_mc acc,none 0.3333 is below the base's 0.5 (-0.1667)"
+    )
+    tolerant = settings.model_copy(update={"lm_eval_max_drop": 0.2})
+    assert validation_checks(None, evaluation, tolerant)[-1].passed
+    (tmp_path / "card").mkdir()
+    readme = _card(tmp_path / "card", evaluation)
+    from huggingface_hub import ModelCard
+
+    results = ModelCard.load(readme).data.eval_results
+    assert ("number_words_mc", "acc", 1 / 3) in {
+        (r.dataset_type, r.metric_type, r.metric_value) for r in results
+    }
+    assert "| lm-eval number_words_mc: acc,none | 0.5 | 0.3333333333333333 |" in readme.read_text()
+
+
+def test_lm_eval_tasks_that_cannot_run_are_refused_before_training(tmp_path):
+    pytest.importorskip("lm_eval")
+    from llm_finetune.errors import UserError
+    from llm_finetune.general_ability import check_tasks
+
+    with pytest.raises(UserError, match="is not a folder of lm-eval task YAML"):
+        check_tasks(EvaluateConfig(lm_eval_tasks=["x"], lm_eval_include_path=str(tmp_path / "no")))
+    folder = _local_task(tmp_path)
+    with pytest.raises(UserError, match="lm-eval knows no task 'number_wrods_mc'"):
+        check_tasks(
+            EvaluateConfig(lm_eval_tasks=["number_wrods_mc"], lm_eval_include_path=str(folder))
+        )
+    (folder / "numbers.jsonl").unlink()
+    with pytest.raises(UserError, match="lm-eval cannot load the tasks' data"):
+        check_tasks(
+            EvaluateConfig(lm_eval_tasks=["number_words_mc"], lm_eval_include_path=str(folder))
+        )

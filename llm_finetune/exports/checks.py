@@ -13,8 +13,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,6 +50,24 @@ class HeldOut:
     eos_ids: tuple[int, ...]  # the merged model's generation_config EOS ids
     max_new_tokens: int
     source: str  # where the sequences come from, in words (for the table and the cards)
+    # Per prompt, the answer trained on when answers are short enough for exact match (else
+    # None), and how generated ids read as text: each format's answers are scored too.
+    expected: tuple[str | None, ...] = ()
+    decode: Callable[[list[int]], str] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def answers_expected(self) -> int:
+        return sum(e is not None for e in self.expected)
+
+    def answers_right(self, generations: list[list[int]]) -> int | None:
+        """How many greedy answers equal the expected ones (evaluate.normalise); None when
+        no prompt has a short expected answer."""
+        from llm_finetune.evaluate import normalise
+
+        pairs = [(g, e) for g, e in zip(generations, self.expected, strict=False) if e is not None]
+        if not pairs or self.decode is None:
+            return None
+        return sum(normalise(self.decode(g)) == normalise(e) for g, e in pairs)
 
 
 def generation_eos_ids(folder: Path) -> tuple[int, ...]:
@@ -87,7 +105,7 @@ def held_out(
         chosen = raw.select(picked)
         source = f"{len(chosen)} training rows drawn with seed {data.shuffle_seed} (no test split)"
     limit = min(max_tokens, config.model.max_seq_length)
-    sequences, prompts = [], []
+    sequences, prompts, expected = [], [], []
     for row in chosen:
         text, prompt = _training_text(row, data.format, tokenizer)
         ids = tokenizer(text)["input_ids"][:limit]
@@ -95,10 +113,16 @@ def held_out(
             sequences.append(ids)
         if prompt is not None:
             prompts.append(tokenizer(prompt)["input_ids"])
+            expected.append(_answer(row, data.format))
     from llm_finetune.data import inference_prompt
+    from llm_finetune.evaluate import EXACT_MATCH, choose_metric
 
+    answers = [e for e in expected if e is not None]
+    if choose_metric(config.evaluate.metric, config.method, answers) != EXACT_MATCH:
+        expected = [None] * len(expected)  # long answers: exact match says nothing
     for prompt in config.verify.prompts:
         prompts.append(tokenizer(inference_prompt(data.format, prompt, tokenizer))["input_ids"])
+        expected.append(None)
     merged = Path(merged) if merged is not None else config.output_path / "merged"
     eos_ids = generation_eos_ids(merged) or (tokenizer.eos_token_id,)
     return HeldOut(
@@ -107,7 +131,18 @@ def held_out(
         eos_ids=eos_ids,
         max_new_tokens=config.verify.max_new_tokens,
         source=source,
+        expected=tuple(expected),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
     )
+
+
+def _answer(row: dict[str, Any], data_format: str) -> str | None:
+    """The answer a row was trained to give (chat: the last assistant turn)."""
+    if data_format == "alpaca":
+        return row["output"]
+    if data_format == "dpo":
+        return row["chosen"]
+    return row["messages"][-1]["content"]
 
 
 def _training_text(row: dict[str, Any], data_format: str, tokenizer: Any) -> tuple[str, str | None]:
@@ -206,6 +241,8 @@ class Measured:
     generations: int
     positions: int
     seconds: float
+    answers_right: int | None = None  # greedy answers equal to the expected ones ...
+    answers_expected: int = 0  # ... of the prompts with a short expected answer
 
     @property
     def stops_at_eos(self) -> str:
@@ -282,6 +319,8 @@ def measure(reference: Reference, runner: Runner) -> Measured:
         generations=len(generations),
         positions=positions,
         seconds=round(time.perf_counter() - start, 2),
+        answers_right=held.answers_right(generations),
+        answers_expected=held.answers_expected,
     )
 
 

@@ -123,6 +123,7 @@ TABLE_HEADER = [
     "KL vs 16-bit",
     "top-1 agreement",
     "stops at EOS",
+    "answers right",
     "check",
 ]
 
@@ -140,10 +141,18 @@ def table(rows: list[dict[str, Any]]) -> list[list[str]]:
                 f"{row['bytes'] / 1e6:,.2f} MB",
                 *(measured or ["-", "-", "-"]),
                 m.get("stops_at_eos", "-"),
+                _answers_right(m),
                 "passed" if row["passed"] else "rejected: " + "; ".join(row["problems"]),
             ]
         )
     return lines
+
+
+def _answers_right(measured: dict[str, Any] | None) -> str:
+    """'31/32': greedy answers equal to the expected ones; '-' where none is short."""
+    if not measured or measured.get("answers_right") is None:
+        return "-"
+    return f"{measured['answers_right']}/{measured['answers_expected']}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

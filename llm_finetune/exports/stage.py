@@ -305,6 +305,8 @@ def _reference_measured(ref: Any) -> Any:
         generations=len(ref.generations),
         positions=ref.starts[-1],
         seconds=0.0,
+        answers_right=ref.held_out.answers_right(ref.generations),
+        answers_expected=ref.held_out.answers_expected,
     )
 
 
