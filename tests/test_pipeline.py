@@ -42,6 +42,8 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         "merge",
         "verify",
         "heldout",
+        "evaluate",
+        "gate",
         "export",
         "model_card",
         "publish",
@@ -59,6 +61,14 @@ def test_demo_runs_end_to_end_offline(tmp_path):
     assert heldout["merged"]["loss"] < 0.2 * heldout["base"]["loss"]
     assert heldout["merged"]["loss"] == pytest.approx(summary["eval_loss_last"], rel=0.05)
     assert "held-out loss / perplexity (40 rows): base" in done.stdout
+    # The demo's fine-tune works: its answers to the held-out prompts are right, the base's
+    # are not; the gate checked both measurements before anything was published.
+    evaluation = summary["evaluation"]
+    assert (evaluation["metric"], evaluation["rows"]) == ("exact_match", 40)
+    assert evaluation["base"]["score"] == 0.0 and evaluation["merged"]["score"] >= 0.95
+    assert all(s["merged"] == s["expected"] for s in evaluation["samples"])
+    assert summary["gate"]["passed"] and len(summary["gate"]["checks"]) == 2
+    assert "exact match (40 held-out rows): base 0.0% -> merged" in done.stdout
     card = (out / "merged" / "README.md").read_text()
     assert "](training-curves.png)" in card and "## Before and after" in card
     # What LoRA landed on, worked out in the preflight: in the summary and the card.
@@ -91,7 +101,7 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         "generation_config.json",
         "training-curves.png",
     } <= set(published["files"])
-    assert summary["load_back"]["generation"].strip()
+    assert summary["load_back"]["generation"].strip() == "forty-seven"
     # Every format the demo asks for was written, checked and passed; the GGUF files went to
     # their own repo, from which one was downloaded and run again in llama.cpp.
     exports = {row["format"]: row for row in summary["exports"]}
@@ -104,7 +114,12 @@ def test_demo_runs_end_to_end_offline(tmp_path):
         gguf["files"]
     )
     assert summary["load_back_gguf"]["file"] == "tiny-demo-Q4_K_M.gguf"
-    assert summary["load_back_gguf"]["generation"].strip()
+    assert summary["load_back_gguf"]["generation"].strip() == "forty-seven"
+    # Each format's own greedy answers to the check rows: the GGUF files answer as the
+    # 16-bit model does.
+    for row in exports.values():
+        measured = row["measured"]
+        assert measured["answers_right"] >= measured["answers_expected"] - 1 == 31, row
     assert "GGUF Q4_K_M" in done.stdout and "KL vs 16-bit" in done.stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "stage" in done.stdout and "total" in done.stdout

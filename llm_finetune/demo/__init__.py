@@ -20,8 +20,9 @@ from typing import Any
 
 from llm_finetune.data import ALPACA_TEMPLATE, BUILTIN_DIR
 
-TINY_LLAMA_VERSION = "tiny-llama-v2"
+TINY_LLAMA_VERSION = "tiny-llama-v3"
 BUILTIN_MODELS = ("tiny-llama",)
+LM_HEAD_SCALE = 5.0  # the head's random weights, relative to the rest (build_tiny_llama)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -120,7 +121,7 @@ def tiny_llama_config(tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        initializer_range=0.1,
+        initializer_range=0.02,
     )
 
 
@@ -131,7 +132,14 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> None:
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer)).to(torch.bfloat16)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+    with torch.no_grad():
+        # The head 5x the rest (std 0.1): with 0.02 throughout, the frozen head's logits span
+        # too little for a confident answer (held-out loss stalls near 1.7); with 0.1
+        # throughout, the random layers drown the tokens and LoRA learns few numbers
+        # (exact match 12.5% on the held-out rows, against 97.5-100% now).
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
