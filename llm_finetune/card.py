@@ -81,8 +81,13 @@ Held-out answers, greedy, side by side:
 
 KL, top-1 agreement and "stops at EOS" compare each format's next-token distributions and
 greedy generations with this 16-bit model's, on the same held-out token sequences;
-perplexity is each format's own on those sequences.
-{% endif %}"""
+perplexity is each format's own on those sequences; "answers right" counts each format's
+greedy answers equal to the expected ones.
+{% if answers_table %}
+Each format's own answers to the first held-out prompts:
+
+{{ answers_table }}
+{% endif %}{% endif %}"""
 
 EXPORT_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -99,8 +104,13 @@ with LoRA ({{ method }}) by llm-finetune {{ version }}. {{ how }}
 
 KL, top-1 agreement and "stops at EOS" compare each file's next-token distributions and greedy
 generations with the 16-bit model's, on the same held-out token sequences; perplexity is each
-file's own on those sequences. A file beyond its limits is not published.
+file's own on those sequences; "answers right" counts its greedy answers equal to the expected
+ones. A file beyond its limits is not published.
+{% if answers_table %}
+Each file's own answers to the first held-out prompts:
 
+{{ answers_table }}
+{% endif %}
 ## Usage
 
 {{ usage }}
@@ -321,13 +331,6 @@ def published_scores(readme: Path) -> dict[str, float]:
     }
 
 
-def _cell(text: str) -> str:
-    """Text in one markdown table cell: one line, pipes escaped, long text cut."""
-    printable = "".join(c if c.isprintable() else "\ufffd" for c in " ".join(text.split()))
-    line = printable.replace("|", "\\|") or "(empty)"
-    return line if len(line) <= 120 else line[:117] + "..."
-
-
 def _auto_class(folder: Path) -> str:
     """The class the model in `folder` loads with (Mistral 3 has no causal-LM class)."""
     from llm_finetune.checkpoint_names import model_class
@@ -362,7 +365,7 @@ def write_model_card(
     the card's model-index."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from llm_finetune.exports.formats import markdown_table
+    from llm_finetune.exports.formats import answers_table, markdown_table, table_cell
 
     hub_base = (
         base_model if looks_like_hub_id(base_model) and not Path(base_model).exists() else None
@@ -395,10 +398,11 @@ def write_model_card(
         comparison_source=comparison_source(heldout, evaluation),
         comparison_worse=(heldout or {}).get("worse"),
         samples=[
-            {k: _cell(v) for k, v in row.items()}
+            {k: table_cell(v) for k, v in row.items()}
             for row in (evaluation.samples if evaluation else [])
         ],
         export_table=markdown_table(exports) if exports else "",
+        answers_table=answers_table(exports) if exports else "",
     )
     path = Path(folder) / "README.md"
     card.save(path)
@@ -416,7 +420,7 @@ def write_export_card(
     """README.md of an export's own repo: what the files are, and how each measured."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from llm_finetune.exports.formats import kind_of, markdown_table
+    from llm_finetune.exports.formats import answers_table, kind_of, markdown_table
 
     mine = [r for r in rows if r["passed"] and kind_of(r["format"]) == kind]
     what, how, usage = EXPORT_TEXTS[kind]
@@ -440,6 +444,7 @@ def write_export_card(
         method=config.method.upper(),
         version=__version__,
         export_table=markdown_table(mine),
+        answers_table=answers_table(mine),
         usage=usage.format(repo_id=repo_id, tag=smallest.upper()),
     )
     path = Path(folder) / "README.md"

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import UserError
+from llm_finetune.progress import progress_bar
 
 if TYPE_CHECKING:
     from llm_finetune.config import Config, EvaluateConfig
@@ -168,14 +169,6 @@ def load_for_evaluation(path: str, revision: str | None, trust_remote_code: bool
     return model.eval()
 
 
-def _progress(total: int, what: str) -> Any:
-    from tqdm.auto import tqdm
-
-    from llm_finetune.distributed import is_main_process
-
-    return tqdm(total=total, desc=f"    {what}", unit="row", disable=not is_main_process())
-
-
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -193,7 +186,7 @@ def generate_answers(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = []
     try:
-        with torch.inference_mode(), _progress(len(prompts), what) as bar:
+        with torch.inference_mode(), progress_bar(len(prompts), f"    {what}", "row") as bar:
             for first in range(0, len(prompts), batch_size):
                 batch = tokenizer(
                     list(prompts[first : first + batch_size]), return_tensors="pt", padding=True
@@ -228,7 +221,7 @@ def answer_log_probs(
     device = next(model.parameters()).device
     eos = tokenizer.eos_token or ""
     scores = []
-    with torch.inference_mode(), _progress(len(prompts), what) as bar:
+    with torch.inference_mode(), progress_bar(len(prompts), f"    {what}", "row") as bar:
         for prompt, answer in zip(prompts, answers, strict=True):
             prompt_ids = tokenizer(prompt)["input_ids"]
             ids = prompt_ids + tokenizer(answer + eos, add_special_tokens=False)["input_ids"]

@@ -67,6 +67,16 @@ def test_held_out_is_the_test_split_training_held_out(tmp_path, tiny_base, data_
         assert sequence[: len(prompt)] == prompt and len(sequence) > len(prompt)
     assert held.eos_ids == (tokenizer.eos_token_id,)
     assert held.max_new_tokens == config.verify.max_new_tokens
+    # Short answers are scored per format (exact match); DPO's are not, nor verify prompts'.
+    raw_test = load_raw(config.data).train_test_split(test_size=0.25, seed=0)["test"]
+    answers = {"alpaca": "output", "dpo": None, "chat": "messages"}[data_format]
+    if answers is None:
+        assert held.expected == (None,) * len(held.prompts)
+    else:
+        wanted = [
+            r["output"] if answers == "output" else r["messages"][-1]["content"] for r in raw_test
+        ]
+        assert held.expected == (*wanted[:3], *[None] * len(config.verify.prompts))
 
 
 def test_held_out_without_a_test_split_is_a_seeded_sample_of_the_training_rows(tmp_path, tiny_base):
@@ -134,7 +144,41 @@ def test_the_merged_model_against_itself_is_exact(ref, merged):
         and measured.stops_at_eos == f"{measured.eos_expected}/{measured.eos_expected}"
     )
     assert measured.same_generations == measured.generations == 7
+    assert measured.answers_expected == 6 and 0 <= measured.answers_right <= 6
+    assert len(measured.sample_answers) == 5
     assert judge(measured, DEFAULT_LIMITS[MERGED_16BIT]) == []
+
+
+def test_each_formats_answers_are_scored_and_shown_beside_the_expected_ones():
+    from llm_finetune.exports.checks import HeldOut
+    from llm_finetune.exports.formats import answers_table
+
+    texts = {5: "Forty-seven.", 6: "x", 7: "three"}
+    held = HeldOut(
+        sequences=[],
+        prompts=[[1], [2], [3]],
+        eos_ids=(0,),
+        max_new_tokens=4,
+        source="",
+        expected=("forty-seven", None, "two"),
+        decode=lambda ids: texts[ids[0]],
+    )
+    assert held.answers_expected == 2
+    right, samples = held.answers([[5, 0], [6, 0], [7, 0]])
+    assert (right, samples) == (1, [["forty-seven", "Forty-seven."], ["two", "three"]])
+    assert HeldOut([], [[1]], (0,), 4, "").answers([[5]]) == (None, [])
+    rows = [
+        {"format": "merged_16bit", "measured": {"sample_answers": samples}},
+        {"format": "q8_0", "measured": {"sample_answers": [["forty-seven", "a|b"], ["two", ""]]}},
+        {"format": "q4_k_m", "measured": None},
+    ]
+    assert answers_table(rows).splitlines() == [
+        "| expected | merged_16bit | GGUF Q8_0 |",
+        "|---|---|---|",
+        "| forty-seven | Forty-seven. | a\\|b |",
+        "| two | three | (empty) |",
+    ]
+    assert answers_table(rows[2:]) == ""
 
 
 def test_a_damaged_export_fails_with_the_numbers(ref, merged):

@@ -59,15 +59,16 @@ class HeldOut:
     def answers_expected(self) -> int:
         return sum(e is not None for e in self.expected)
 
-    def answers_right(self, generations: list[list[int]]) -> int | None:
-        """How many greedy answers equal the expected ones (evaluate.normalise); None when
-        no prompt has a short expected answer."""
-        from llm_finetune.evaluate import normalise
+    def answers(self, generations: list[list[int]]) -> tuple[int | None, list[list[str]]]:
+        """How many greedy answers equal the expected ones (evaluate.normalise), None when
+        no prompt has a short expected answer; and the first few [expected, answer] pairs."""
+        from llm_finetune.evaluate import SAMPLES, normalise
 
         pairs = [(g, e) for g, e in zip(generations, self.expected, strict=False) if e is not None]
         if not pairs or self.decode is None:
-            return None
-        return sum(normalise(self.decode(g)) == normalise(e) for g, e in pairs)
+            return None, []
+        texts = [[e, self.decode(g).strip()] for g, e in pairs]
+        return sum(normalise(e) == normalise(a) for e, a in texts), texts[:SAMPLES]
 
 
 def generation_eos_ids(folder: Path) -> tuple[int, ...]:
@@ -243,6 +244,7 @@ class Measured:
     seconds: float
     answers_right: int | None = None  # greedy answers equal to the expected ones ...
     answers_expected: int = 0  # ... of the prompts with a short expected answer
+    sample_answers: list[list[str]] = field(default_factory=list)  # [expected, answer]
 
     @property
     def stops_at_eos(self) -> str:
@@ -319,9 +321,15 @@ def measure(reference: Reference, runner: Runner) -> Measured:
         generations=len(generations),
         positions=positions,
         seconds=round(time.perf_counter() - start, 2),
-        answers_right=held.answers_right(generations),
         answers_expected=held.answers_expected,
+        **answer_fields(held, generations),
     )
+
+
+def answer_fields(held: HeldOut, generations: list[list[int]]) -> dict[str, Any]:
+    """Measured's answers_right and sample_answers for these greedy generations."""
+    right, samples = held.answers(generations)
+    return {"answers_right": right, "sample_answers": samples}
 
 
 def _stops_there(runner: Runner, ids: list[int], eos: set[int]) -> bool:

@@ -159,3 +159,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     header, *body = table(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def answers_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: the first check rows' expected answers and each format's own greedy answer
+    (the formats whose check scored answers); "" when none did."""
+    scored = [r for r in rows if r["measured"] and r["measured"].get("sample_answers")]
+    if not scored:
+        return ""
+    header = ["expected", *(display_name(r["format"]) for r in scored)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for index, (expected, _) in enumerate(scored[0]["measured"]["sample_answers"]):
+        answers = [r["measured"]["sample_answers"][index][1] for r in scored]
+        lines.append("| " + " | ".join(table_cell(t) for t in [expected, *answers]) + " |")
+    return "\n".join(lines)
+
+
+def table_cell(text: str) -> str:
+    """Text in one markdown table cell: one line, printable, pipes escaped, at most 120
+    characters; "(empty)" for nothing."""
+    printable = "".join(c if c.isprintable() else "\ufffd" for c in " ".join(text.split()))
+    line = printable.replace("|", "\\|") or "(empty)"
+    return line if len(line) <= 120 else line[:117] + "..."

@@ -288,7 +288,7 @@ def _device() -> str:
 
 def _reference_measured(ref: Any) -> Any:
     """The 16-bit merge's own row: the reference measured against itself, without a rerun."""
-    from llm_finetune.exports.checks import Measured
+    from llm_finetune.exports.checks import Measured, answer_fields
 
     eos = set(ref.held_out.eos_ids)
     stops = sum(1 for g in ref.generations if g and g[-1] in eos)
@@ -305,8 +305,8 @@ def _reference_measured(ref: Any) -> Any:
         generations=len(ref.generations),
         positions=ref.starts[-1],
         seconds=0.0,
-        answers_right=ref.held_out.answers_right(ref.generations),
         answers_expected=ref.held_out.answers_expected,
+        **answer_fields(ref.held_out, ref.generations),
     )
 
 
