@@ -385,3 +385,37 @@ def test_lm_eval_tasks_that_cannot_run_are_refused_before_training(tmp_path):
         check_tasks(
             EvaluateConfig(lm_eval_tasks=["number_words_mc"], lm_eval_include_path=str(folder))
         )
+
+
+def test_dpo_rows_are_scored_by_which_answer_each_model_prefers(tiny_base):
+    """log p(answer | prompt) summed over the answer's tokens and EOS, checked against the
+    same sum taken one next-token prediction at a time; the model prefers its own greedy
+    answer to another text, and so does "the merged model" (here the same weights)."""
+    import torch
+
+    from llm_finetune.backends.hf import load_tokenizer
+    from llm_finetune.data import alpaca_prompt
+    from llm_finetune.evaluate import answer_log_probs, evaluate, load_for_evaluation
+
+    tokenizer = load_tokenizer(tiny_base)
+    model = load_for_evaluation(tiny_base, None, False)
+    prompt = alpaca_prompt("Write the number 4 in words.")
+    ids = tokenizer(prompt, return_tensors="pt")
+    greedy = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    own = tokenizer.decode(greedy[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    (scored,) = answer_log_probs(model, tokenizer, [prompt], [own], "test")
+    sequence = tokenizer(prompt)["input_ids"]
+    answer = tokenizer(own + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    expected = 0.0
+    with torch.no_grad():
+        for token in answer:
+            logits = model(input_ids=torch.tensor([sequence])).logits[0, -1]
+            expected += float(logits.log_softmax(-1)[token])
+            sequence = [*sequence, token]
+    assert scored == pytest.approx(expected, abs=1e-4)
+
+    rows = [EvalRow("4", prompt, own, rejected="zebra quantum"), EvalRow("4", prompt, own, own)]
+    evaluation = evaluate(tiny_base, tiny_base, rows, tokenizer, metric=PREFERENCE, source="pairs")
+    # A tie (the same answer twice) is no preference: 1 of 2 rows.
+    assert evaluation.base.score == evaluation.merged.score == 0.5
+    assert evaluation.merged.margin > 0 and evaluation.merged.answers == []
