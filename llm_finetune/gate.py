@@ -10,7 +10,9 @@ much; nothing is published, and the adapter and the merged model stay on disk.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_finetune.errors import NotConfirmed
@@ -18,6 +20,7 @@ from llm_finetune.evaluate import METRIC_NAMES, Evaluation
 
 if TYPE_CHECKING:
     from llm_finetune.config import EvaluateConfig
+    from llm_finetune.hub import PublishTarget
 
 
 @dataclass(frozen=True)
@@ -105,23 +108,66 @@ def published_check(evaluation: Evaluation | None, published: dict[str, float]) 
 class Verdict:
     checks: list[Check]
     enabled: bool  # evaluate.gate
-    measured: str  # what was measured, in words, for a run that measured nothing
+    unmeasured: str | None = None  # why the held-out loss could not be measured
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return self.unmeasured is None and all(c.passed for c in self.checks)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled,
             "passed": self.passed,
             "checks": [c.as_dict() for c in self.checks],
+            "unmeasured": self.unmeasured,
         }
+
+    def lines(self) -> list[str]:
+        """One line per check for the log."""
+        return [
+            f"{'ok' if c.passed else 'FAILED'}: {c.name} {c.merged:.4g} against {c.against} "
+            f"{c.reference:.4g}"
+            for c in self.checks
+        ]
+
+
+def verdict_for(
+    heldout: dict[str, Any] | None,
+    evaluation: Evaluation | None,
+    settings: EvaluateConfig,
+    published: dict[str, float],
+) -> Verdict:
+    """Every check of the run's measurements (`published`: what the target repo's card
+    records, card.published_scores)."""
+    checks = validation_checks(heldout, evaluation, settings)
+    if (check := published_check(evaluation, published)) is not None:
+        checks.append(check)
+    unmeasured = heldout["error"] if heldout is not None and "error" in heldout else None
+    return Verdict(checks, settings.gate, unmeasured)
+
+
+def published_scores_at(target: PublishTarget, revision: str) -> dict[str, float]:
+    """What the card of the repo a run publishes to records of this project's held-out
+    results ({} for a new repo, or a card of another tool)."""
+    from llm_finetune.card import published_scores
+    from llm_finetune.hub import download_card
+
+    with tempfile.TemporaryDirectory() as folder:
+        readme = download_card(
+            target.repo_id, target.endpoint, target.token, revision, Path(folder)
+        )
+        return published_scores(readme) if readme is not None else {}
 
 
 def enforce(verdict: Verdict, kept: str, replace_better: bool) -> list[str]:
     """Raise NotConfirmed for a failed check the config does not waive; return the lines to
     log (a waived failure is a warning)."""
+    if verdict.unmeasured is not None and verdict.enabled:
+        raise NotConfirmed(
+            f"validation could not measure the held-out loss ({verdict.unmeasured}): nothing "
+            f"was published; {kept} are kept; fix the cause, or set evaluate.gate: false to "
+            "publish unvalidated"
+        )
     failed = [c for c in verdict.checks if not c.passed]
     published = [c for c in failed if c.against == "the published model's"]
     waived = published if replace_better else []
@@ -141,6 +187,8 @@ def enforce(verdict: Verdict, kept: str, replace_better: bool) -> list[str]:
             f"are kept; {fix}"
         )
     lines = [f"warning: published although {c.problem()} (the config allows it)" for c in waived]
+    if verdict.unmeasured is not None:
+        lines.append(f"warning: published without a held-out loss ({verdict.unmeasured})")
     if not verdict.checks:
-        lines.append(f"nothing to confirm the model with: {verdict.measured}")
+        lines.append("warning: nothing confirms the model: no held-out rows were measured")
     return lines

@@ -11,7 +11,6 @@ import contextlib
 import gc
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from llm_finetune.distributed import (
     is_main_process,
     wait_for_main,
 )
-from llm_finetune.errors import NotConfirmed, UserError, exit_code_for, first_line
+from llm_finetune.errors import UserError, exit_code_for, first_line
 from llm_finetune.exports.formats import LORA, display_name, is_gguf, kind_of
 from llm_finetune.hub import PublishTarget
 from llm_finetune.manifest import source_commit, write_manifest
@@ -483,46 +482,18 @@ def gate_stage(
     """Publish only what validation confirms: the run's measurements against the base's, and
     against the score the target repo's card records on the same rows. A refusal raises
     NotConfirmed (exit code 3) with nothing published; the summary says which check failed."""
-    from llm_finetune.gate import Verdict, enforce, published_check, validation_checks
+    from llm_finetune.gate import enforce, published_scores_at, verdict_for
 
-    out = config.output_path
-    heldout = summary.get("heldout")
+    out, target = config.output_path, checks.publish
     with clock.stage("gate", "publish only what validation confirms"):
-        if heldout is not None and "error" in heldout:
-            summary["gate"] = {"enabled": config.evaluate.gate, "passed": False}
-            if config.evaluate.gate:
-                raise NotConfirmed(
-                    f"validation could not measure the held-out loss ({heldout['error']}); "
-                    f"nothing was published and {out / 'merged'} is kept; fix the cause, or set "
-                    "evaluate.gate: false to publish unvalidated"
-                )
-        found = validation_checks(heldout, evaluation, config.evaluate)
-        target = checks.publish
+        published = {}
         if target is not None and evaluation is not None:
-            from llm_finetune.card import published_scores
-            from llm_finetune.hub import download_card
-
-            with tempfile.TemporaryDirectory() as folder:
-                readme = download_card(
-                    target.repo_id,
-                    target.endpoint,
-                    target.token,
-                    config.publish.revision,
-                    Path(folder),
-                )
-                published = published_scores(readme) if readme is not None else {}
-            if (check := published_check(evaluation, published)) is not None:
-                found.append(check)
-        measured = "no held-out loss and no evaluation (data.test_size 0, or DPO without it)"
-        verdict = Verdict(found, config.evaluate.gate, measured)
+            published = published_scores_at(target, config.publish.revision)
+        verdict = verdict_for(summary.get("heldout"), evaluation, config.evaluate, published)
         summary["gate"] = verdict.as_dict()
-        for check in verdict.checks:
-            state = "ok" if check.passed else "FAILED"
-            log(
-                f"    {state}: {check.name} {check.merged:.4g} against {check.against} "
-                f"{check.reference:.4g}"
-            )
         kept = f"the adapter ({out / 'adapter'}) and the merged model ({out / 'merged'})"
+        for line in verdict.lines():  # logged before a refusal: which check failed
+            log(f"    {line}")
         for line in enforce(verdict, kept, config.publish.replace_better):
             log(f"    {line}")
 

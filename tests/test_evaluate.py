@@ -93,14 +93,14 @@ HELDOUT = {"rows": 40, "base": {"loss": 7.0}, "merged": {"loss": 0.3}}
 def test_the_gate_passes_a_model_better_than_its_base():
     checks = validation_checks(HELDOUT, _evaluation(0.0, 0.95), EvaluateConfig())
     assert [(c.name, c.passed) for c in checks] == [("held-out loss", True), ("exact match", True)]
-    assert enforce(Verdict(checks, True, ""), "the adapter", replace_better=False) == []
+    assert enforce(Verdict(checks, True), "the adapter", replace_better=False) == []
 
 
 def test_the_gate_refuses_a_worse_model_in_one_line_with_the_numbers():
     worse = {"rows": 40, "base": {"loss": 2.0}, "merged": {"loss": 2.5}}
     checks = validation_checks(worse, _evaluation(0.5, 0.25), EvaluateConfig())
     with pytest.raises(NotConfirmed) as refused:
-        enforce(Verdict(checks, True, ""), "the adapter (a) and the merged model (m)", False)
+        enforce(Verdict(checks, True), "the adapter (a) and the merged model (m)", False)
     message = str(refused.value)
     assert "\n" not in message and refused.value.exit_code == EXIT_NOT_CONFIRMED == 3
     assert "held-out loss 2.5 is not below the base's 2 (+0.5)" in message
@@ -118,10 +118,25 @@ def test_a_threshold_replaces_the_base_and_nan_never_passes():
 
 def test_with_the_gate_off_a_failure_is_a_warning():
     checks = validation_checks(HELDOUT, _evaluation(0.5, 0.25), EvaluateConfig())
-    lines = enforce(Verdict(checks, False, ""), "kept", replace_better=False)
+    lines = enforce(Verdict(checks, False), "kept", replace_better=False)
     assert lines == [
         "warning: published although exact match 0.25 is below the base's 0.5 (-0.25) "
         "(the config allows it)"
+    ]
+
+
+def test_a_held_out_loss_that_could_not_be_measured_confirms_nothing():
+    from llm_finetune.gate import verdict_for
+
+    failed = {"error": "CUDA out of memory"}
+    verdict = verdict_for(failed, _evaluation(0.0, 0.9), EvaluateConfig(), {})
+    assert not verdict.passed and verdict.as_dict()["unmeasured"] == "CUDA out of memory"
+    with pytest.raises(NotConfirmed, match=r"could not measure the held-out loss \(CUDA out"):
+        enforce(verdict, "kept", replace_better=False)
+    off = verdict_for(failed, None, EvaluateConfig(gate=False), {})
+    assert enforce(off, "kept", replace_better=False) == [
+        "warning: published without a held-out loss (CUDA out of memory)",
+        "warning: nothing confirms the model: no held-out rows were measured",
     ]
 
 
@@ -132,8 +147,8 @@ def test_a_better_published_model_is_compared_only_on_the_same_rows_and_metric()
     check = published_check(evaluation, {"exact_match@abc": 0.9})
     assert check == Check("exact match", 0.8, 0.9, "the published model's", True)
     with pytest.raises(NotConfirmed, match="publish.replace_better: true publishes over it"):
-        enforce(Verdict([check], True, ""), "kept", replace_better=False)
-    assert enforce(Verdict([check], True, ""), "kept", replace_better=True)[0].startswith(
+        enforce(Verdict([check], True), "kept", replace_better=False)
+    assert enforce(Verdict([check], True), "kept", replace_better=True)[0].startswith(
         "warning: published although exact match 0.8 is below the published model's 0.9"
     )
 
@@ -246,13 +261,19 @@ def test_a_config_that_publishes_without_held_out_rows_is_refused_before_any_wor
 
 @pytest.mark.slow
 def test_a_wrecked_fine_tune_publishes_nothing_and_keeps_what_it_trained(
-    hub, tmp_path, monkeypatch, capsys
+    hub, tmp_path, monkeypatch, capsys, trained_adapter
 ):
-    """A learning rate that wrecks training: the run exits 3 with one line naming the failed
-    check, nothing reaches the Hub, and the adapter and the merged model stay on disk."""
+    """A learning rate that wrecks a fine-tune of a model that already knows the task (the
+    demo's base merged with a trained adapter): the run exits 3 with one line naming the
+    failed checks, nothing reaches the Hub, and the adapter and the merged model stay on disk.
+    (The random demo base itself cannot be made worse: it predicts worse than uniform.)"""
     from huggingface_hub import HfApi
 
     from llm_finetune.cli import main
+    from llm_finetune.merge import merge
+
+    _, base, adapter, _ = trained_adapter
+    merge(base, adapter, tmp_path / "good", dtype="bfloat16")
 
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -266,9 +287,10 @@ def test_a_wrecked_fine_tune_publishes_nothing_and_keeps_what_it_trained(
             f"publish.endpoint={hub.url}",
             "publish.repo_id=alice/wrecked",
             "export.formats=[merged_16bit]",
+            f"model.name={tmp_path / 'good'}",
             "training.max_steps=6",
             "training.warmup_steps=0",
-            "training.learning_rate=20",
+            "training.learning_rate=2000",
         ]
     )
     assert code == EXIT_NOT_CONFIRMED
@@ -277,7 +299,9 @@ def test_a_wrecked_fine_tune_publishes_nothing_and_keeps_what_it_trained(
     assert "Traceback" not in "\n".join(errors)
     summary = json.loads((out / "run-summary.json").read_text())
     assert (summary["status"], summary["failed_stage"]) == ("failed", "gate")
-    assert [c["name"] for c in summary["gate"]["checks"] if not c["passed"]] == ["held-out loss"]
+    failed = [c["name"] for c in summary["gate"]["checks"] if not c["passed"]]
+    assert failed == ["held-out loss", "exact match"]
+    assert summary["evaluation"]["base"]["score"] > summary["evaluation"]["merged"]["score"]
     assert summary["evaluation"]["rows"] == 40 and "published" not in summary
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "config.json").is_file()
