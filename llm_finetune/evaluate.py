@@ -50,7 +50,7 @@ class EvalRow:
 def eval_rows(rows: Any, data_format: str, tokenizer: Any, limit: int) -> list[EvalRow]:
     """The first `limit` usable rows of `rows` (raw dataset rows in `data_format`); chat rows
     are used when their last turn is the assistant's (the answer to score)."""
-    from llm_finetune.data import alpaca_prompt, inference_prompt
+    from llm_finetune.data import alpaca_prompt
 
     picked: list[EvalRow] = []
     for row in rows:
@@ -61,7 +61,7 @@ def eval_rows(rows: Any, data_format: str, tokenizer: Any, limit: int) -> list[E
             prompt = alpaca_prompt(instruction, extra)
             picked.append(EvalRow(instruction, prompt, row["output"] or ""))
         elif data_format == "dpo":
-            prompt = inference_prompt("alpaca", row["prompt"], tokenizer)
+            prompt = alpaca_prompt(row["prompt"])
             picked.append(EvalRow(row["prompt"], prompt, row["chosen"], row["rejected"]))
         else:
             messages = row["messages"]

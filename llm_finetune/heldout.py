@@ -28,18 +28,11 @@ def heldout_loss(
     dtype on GPUs (spread over them by accelerate), and released afterwards."""
     import torch
 
-    from llm_finetune.checkpoint_names import load_pretrained
+    from llm_finetune.evaluate import load_for_evaluation
 
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    model = load_pretrained(
-        model_path,
-        revision=revision,
-        dtype="auto" if cuda else torch.float32,
-        device_map="auto" if cuda else None,
-        trust_remote_code=trust_remote_code,
-    )
-    model.eval()
+    model = load_for_evaluation(model_path, revision, trust_remote_code)
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     with torch.inference_mode():

@@ -427,7 +427,9 @@ def evaluate_stage(
     from llm_finetune.backends.hf import load_tokenizer
     from llm_finetune.evaluate import Evaluation, choose_metric, evaluate, evaluation_rows
 
-    settings = config.evaluate.model_dump(mode="json", exclude={"gate", "min_score"})
+    settings = config.evaluate.model_dump(
+        mode="json", exclude={"gate", "min_score", "lm_eval_max_drop"}
+    )
     recorded = facts.get("evaluate")
     if recorded is not None and recorded.get("settings") == settings:
         evaluation = Evaluation.from_dict(recorded["result"])
