@@ -245,6 +245,7 @@ def comparison_rows(
 
 
 def comparison_source(heldout: dict[str, Any] | None, evaluation: Evaluation | None) -> str:
+    """What the before/after table measured, in words."""
     parts = []
     if evaluation is not None:
         parts.append(f"greedy answers to {evaluation.rows} prompts ({evaluation.source})")
