@@ -69,6 +69,7 @@ def tiny(tmp_path_factory) -> dict:
 
     tokenizer = build_tokenizer()
     config = tiny_llama_config(tokenizer)
+    config.initializer_range = 0.1  # logits far apart: a greedy answer with no repeated token
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16).float().eval()
     # Swap the output rows of EOS and the fourth greedy token: the model now says EOS there.

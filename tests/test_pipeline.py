@@ -55,7 +55,8 @@ def test_demo_runs_end_to_end_offline(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     evals = [e["step"] for e in summary["train"]["history"] if "eval_loss" in e]
     assert evals == [50, 100, 150, 200]
-    assert summary["eval_loss_best"] <= summary["eval_loss_last"] < 0.5
+    assert summary["eval_loss_best"] <= summary["eval_loss_last"] + 1e-6  # best is rounded
+    assert summary["eval_loss_last"] < 0.5
     heldout = summary["heldout"]
     assert heldout["rows"] == 40 and not heldout["worse"]
     assert heldout["merged"]["loss"] < 0.2 * heldout["base"]["loss"]

@@ -324,7 +324,7 @@ def test_the_card_shows_the_curves_and_the_before_after_table(tmp_path):
     card = write_model_card(
         tmp_path, plot_file="training-curves.png", heldout=compare(before, after), **common
     ).read_text()
-    assert "## Before and after" in card and "same 40 held-out rows" in card
+    assert "## Before and after" in card and "every token of 40 rows" in card
     assert "| held-out loss | 6.78 | 0.27 |" in card
     assert "| held-out perplexity | 878.1 | 1.31 |" in card
     assert "![Train and eval loss against step, and the learning rate](training-curves.png)" in card
