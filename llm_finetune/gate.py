@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from llm_finetune.hub import PublishTarget
 
 
+PUBLISHED = "the published model's"  # what a check against the target repo's card compares with
+
+
 @dataclass(frozen=True)
 class Check:
     """One comparison the gate makes: the merged model's value against a reference."""
@@ -30,7 +33,7 @@ class Check:
     name: str
     merged: float
     reference: float
-    against: str  # "the base's", "the threshold", "the published model's"
+    against: str  # "the base's", "evaluate.min_score", PUBLISHED
     higher_is_better: bool
 
     @property
@@ -101,7 +104,7 @@ def published_check(evaluation: Evaluation | None, published: dict[str, float]) 
     if key not in published:
         return None
     name = METRIC_NAMES[evaluation.metric]
-    return Check(name, evaluation.merged.score, published[key], "the published model's", True)
+    return Check(name, evaluation.merged.score, published[key], PUBLISHED, True)
 
 
 @dataclass
@@ -169,7 +172,7 @@ def enforce(verdict: Verdict, kept: str, replace_better: bool) -> list[str]:
             "publish unvalidated"
         )
     failed = [c for c in verdict.checks if not c.passed]
-    published = [c for c in failed if c.against == "the published model's"]
+    published = [c for c in failed if c.against == PUBLISHED]
     waived = published if replace_better else []
     if not verdict.enabled:
         waived = failed
@@ -186,9 +189,9 @@ def enforce(verdict: Verdict, kept: str, replace_better: bool) -> list[str]:
             f"validation did not confirm the model: {reasons}. Nothing was published; {kept} "
             f"are kept; {fix}"
         )
-    lines = [f"warning: published although {c.problem()} (the config allows it)" for c in waived]
+    lines = [f"warning: {c.problem()} (not enforced: the config allows it)" for c in waived]
     if verdict.unmeasured is not None:
-        lines.append(f"warning: published without a held-out loss ({verdict.unmeasured})")
+        lines.append(f"warning: no held-out loss ({verdict.unmeasured}); not enforced")
     if not verdict.checks:
         lines.append("warning: nothing confirms the model: no held-out rows were measured")
     return lines

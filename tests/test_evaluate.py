@@ -120,8 +120,8 @@ def test_with_the_gate_off_a_failure_is_a_warning():
     checks = validation_checks(HELDOUT, _evaluation(0.5, 0.25), EvaluateConfig())
     lines = enforce(Verdict(checks, False), "kept", replace_better=False)
     assert lines == [
-        "warning: published although exact match 0.25 is below the base's 0.5 (-0.25) "
-        "(the config allows it)"
+        "warning: exact match 0.25 is below the base's 0.5 (-0.25) "
+        "(not enforced: the config allows it)"
     ]
 
 
@@ -135,7 +135,7 @@ def test_a_held_out_loss_that_could_not_be_measured_confirms_nothing():
         enforce(verdict, "kept", replace_better=False)
     off = verdict_for(failed, None, EvaluateConfig(gate=False), {})
     assert enforce(off, "kept", replace_better=False) == [
-        "warning: published without a held-out loss (CUDA out of memory)",
+        "warning: no held-out loss (CUDA out of memory); not enforced",
         "warning: nothing confirms the model: no held-out rows were measured",
     ]
 
@@ -149,7 +149,7 @@ def test_a_better_published_model_is_compared_only_on_the_same_rows_and_metric()
     with pytest.raises(NotConfirmed, match="publish.replace_better: true publishes over it"):
         enforce(Verdict([check], True), "kept", replace_better=False)
     assert enforce(Verdict([check], True), "kept", replace_better=True)[0].startswith(
-        "warning: published although exact match 0.8 is below the published model's 0.9"
+        "warning: exact match 0.8 is below the published model's 0.9"
     )
 
 
