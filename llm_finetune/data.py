@@ -81,6 +81,24 @@ def format_dpo(example: dict[str, Any], eos_token: str) -> dict[str, str]:
     }
 
 
+def prompt_and_answer(
+    row: dict[str, Any], data_format: str, tokenizer: Any
+) -> tuple[str, str] | None:
+    """A raw row's prompt as the model sees it at inference, and the answer it was trained to
+    give (DPO: the chosen one); None for a chat row whose last turn is not the assistant's."""
+    if data_format == "alpaca":
+        return alpaca_prompt(row["instruction"], row.get("input") or ""), row["output"] or ""
+    if data_format == "dpo":
+        return format_dpo(row, "")["prompt"], row["chosen"]
+    messages = row["messages"]
+    if not messages or messages[-1].get("role") != "assistant":
+        return None
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    return prompt, messages[-1]["content"]
+
+
 def inference_prompt(data_format: str, prompt: str, tokenizer: Any) -> str:
     """A verification/demo prompt formatted the way the model was trained to see it."""
     if data_format == "chat":

@@ -49,30 +49,28 @@ class EvalRow:
 
 def eval_rows(rows: Any, data_format: str, tokenizer: Any, limit: int) -> list[EvalRow]:
     """The first `limit` usable rows of `rows` (raw dataset rows in `data_format`); chat rows
-    are used when their last turn is the assistant's (the answer to score)."""
-    from llm_finetune.data import alpaca_prompt
+    are used when a turn precedes their last, the assistant's (the answer to score)."""
+    from llm_finetune.data import prompt_and_answer
 
     picked: list[EvalRow] = []
     for row in rows:
         if len(picked) >= limit:
             break
-        if data_format == "alpaca":
-            instruction, extra = row["instruction"], row.get("input") or ""
-            prompt = alpaca_prompt(instruction, extra)
-            picked.append(EvalRow(instruction, prompt, row["output"] or ""))
-        elif data_format == "dpo":
-            prompt = alpaca_prompt(row["prompt"])
-            picked.append(EvalRow(row["prompt"], prompt, row["chosen"], row["rejected"]))
-        else:
-            messages = row["messages"]
-            if len(messages) < 2 or messages[-1].get("role") != "assistant":
-                continue
-            prompt = tokenizer.apply_chat_template(
-                messages[:-1], tokenize=False, add_generation_prompt=True
-            )
-            user = [m["content"] for m in messages[:-1] if m.get("role") == "user"]
-            picked.append(EvalRow(user[-1] if user else "", prompt, messages[-1]["content"]))
+        pair = prompt_and_answer(row, data_format, tokenizer)
+        if pair is None or (data_format == "chat" and len(row["messages"]) < 2):
+            continue
+        picked.append(EvalRow(_instruction(row, data_format), *pair, row.get("rejected")))
     return picked
+
+
+def _instruction(row: dict[str, Any], data_format: str) -> str:
+    """The user's words of a row, for the card's table: its last user turn in a chat."""
+    if data_format == "alpaca":
+        return row["instruction"]
+    if data_format == "dpo":
+        return row["prompt"]
+    users = [m["content"] for m in row["messages"][:-1] if m.get("role") == "user"]
+    return users[-1] if users else ""
 
 
 def evaluation_rows(

@@ -9,6 +9,7 @@ lm-eval's own (`arc_easy`, `hellaswag`, `mmlu`, ...) or those of YAML files in
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -42,9 +43,15 @@ def _quiet_lm_eval() -> None:
 
 
 def task_manager(settings: EvaluateConfig) -> Any:
-    """lm-eval's TaskManager: the tasks of `evaluate.lm_eval_include_path` (a folder of task
-    YAMLs) and, unless they hold every task named, lm-eval's bundled ones (indexing those
-    takes seconds)."""
+    """lm-eval's TaskManager for these settings, built once per process: the preflight and
+    both models' runs share it."""
+    return _task_manager(settings.lm_eval_include_path, tuple(settings.lm_eval_tasks))
+
+
+@functools.cache
+def _task_manager(include: str | None, tasks: tuple[str, ...]) -> Any:
+    """The tasks of `include` (a folder of task YAMLs) and, unless they hold every task
+    named, lm-eval's bundled ones (indexing those takes seconds)."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
@@ -52,10 +59,9 @@ def task_manager(settings: EvaluateConfig) -> Any:
             f"evaluate.lm_eval_tasks needs lm-eval, which is not installed: {INSTALL_HINT}"
         ) from None
     _quiet_lm_eval()
-    include = settings.lm_eval_include_path
     if include:
         local = TaskManager(include_path=include, include_defaults=False)
-        if all(local.match_tasks([task]) for task in settings.lm_eval_tasks):
+        if all(local.match_tasks([task]) for task in tasks):
             return local
     return TaskManager(include_path=include, include_defaults=True)
 

@@ -94,7 +94,8 @@ def held_out(
     logits per token. Generation prompts: each row's prompt, then the `verify.prompts`, in
     the training format, whole (a cut prompt would be another prompt; generating keeps no
     logits). EOS ids: those of `merged` (default: the run's merged folder)."""
-    from llm_finetune.data import held_out_split, load_raw
+    from llm_finetune.data import held_out_split, inference_prompt, load_raw, prompt_and_answer
+    from llm_finetune.evaluate import EXACT_MATCH, choose_metric
 
     data = config.data
     raw = load_raw(data)
@@ -108,18 +109,13 @@ def held_out(
     limit = min(max_tokens, config.model.max_seq_length)
     sequences, prompts, expected = [], [], []
     for row in chosen:
-        text, prompt = _training_text(row, data.format, tokenizer)
-        ids = tokenizer(text)["input_ids"][:limit]
+        ids = tokenizer(_training_text(row, data.format, tokenizer))["input_ids"][:limit]
         if len(ids) >= 2:  # at least one next token to predict
             sequences.append(ids)
-        if prompt is not None:
-            prompts.append(tokenizer(prompt)["input_ids"])
-            expected.append(_answer(row, data.format))
-    from llm_finetune.data import inference_prompt
-    from llm_finetune.evaluate import EXACT_MATCH, choose_metric
-
-    answers = [e for e in expected if e is not None]
-    if choose_metric(config.evaluate.metric, config.method, answers) != EXACT_MATCH:
+        if (pair := prompt_and_answer(row, data.format, tokenizer)) is not None:
+            prompts.append(tokenizer(pair[0])["input_ids"])
+            expected.append(pair[1])
+    if choose_metric(config.evaluate.metric, config.method, expected) != EXACT_MATCH:
         expected = [None] * len(expected)  # long answers: exact match says nothing
     for prompt in config.verify.prompts:
         prompts.append(tokenizer(inference_prompt(data.format, prompt, tokenizer))["input_ids"])
@@ -137,33 +133,17 @@ def held_out(
     )
 
 
-def _answer(row: dict[str, Any], data_format: str) -> str | None:
-    """The answer a row was trained to give (chat: the last assistant turn)."""
-    if data_format == "alpaca":
-        return row["output"]
-    if data_format == "dpo":
-        return row["chosen"]
-    return row["messages"][-1]["content"]
-
-
-def _training_text(row: dict[str, Any], data_format: str, tokenizer: Any) -> tuple[str, str | None]:
-    """(the text trained on, its prompt as the model sees it at inference; None for a chat
-    row that does not end with an assistant turn)."""
-    from llm_finetune.data import alpaca_prompt, format_alpaca, format_chat, format_dpo
+def _training_text(row: dict[str, Any], data_format: str, tokenizer: Any) -> str:
+    """The text trained on (DPO: prompt + chosen)."""
+    from llm_finetune.data import format_alpaca, format_chat, format_dpo
 
     eos = tokenizer.eos_token
     if data_format == "alpaca":
-        return format_alpaca(row, eos), alpaca_prompt(row["instruction"], row.get("input") or "")
+        return format_alpaca(row, eos)
     if data_format == "dpo":
         pair = format_dpo(row, eos)
-        return pair["prompt"] + pair["chosen"], pair["prompt"]
-    messages = row["messages"]
-    prompt = None
-    if messages and messages[-1].get("role") == "assistant":
-        prompt = tokenizer.apply_chat_template(
-            messages[:-1], tokenize=False, add_generation_prompt=True
-        )
-    return format_chat(row, tokenizer), prompt
+        return pair["prompt"] + pair["chosen"]
+    return format_chat(row, tokenizer)
 
 
 @dataclass
